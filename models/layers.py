@@ -1,0 +1,190 @@
+"""Building blocks shared by every model family.
+
+Padding follows the source of the weights: ``"torch"`` pads symmetrically by ``k // 2``
+(times the dilation), ``"same"`` is TensorFlow's asymmetric SAME padding. BatchNorm defaults
+follow PyTorch (momentum 0.1, i.e. Flax's 0.9, epsilon 1e-5); Keras weights use epsilon 1e-3.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Activation = Callable[[jax.Array], jax.Array]
+
+TORCH_BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Flax's convention.
+TORCH_BN_EPS = 1e-5
+
+# PyTorch's default initialisers, so that training from scratch behaves like the reference.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_init = nn.initializers.lecun_normal()
+
+
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv_padding(kernel_size, dilation=1, padding: str = "torch"):
+    """Padding for ``nn.Conv``: symmetric ``(k - 1) // 2 * d`` for "torch", SAME for "same"."""
+    if padding == "same":
+        return "SAME"
+    if padding == "valid":
+        return "VALID"
+    if padding != "torch":
+        raise ValueError(f"padding must be 'torch', 'same' or 'valid', got {padding!r}")
+    kh, kw = pair(kernel_size)
+    dh, dw = pair(dilation)
+    return (((kh - 1) // 2 * dh,) * 2, ((kw - 1) // 2 * dw,) * 2)
+
+
+def Conv(features: int, kernel_size=3, strides=1, *, groups: int = 1, dilation=1,
+         padding: str | Any = "torch", use_bias: bool = False, dtype: Dtype = jnp.float32,
+         name: str | None = None, kernel_init=conv_init) -> nn.Conv:
+    """A 2-D convolution in the source's padding convention (see module docstring)."""
+    pad = conv_padding(kernel_size, dilation, padding) if isinstance(padding, str) else padding
+    return nn.Conv(features, pair(kernel_size), pair(strides), padding=pad,
+                   feature_group_count=groups, kernel_dilation=pair(dilation),
+                   use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def BatchNorm(train: bool, *, eps: float = TORCH_BN_EPS, momentum: float = TORCH_BN_MOMENTUM,
+              dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> nn.BatchNorm:
+    """BatchNorm that uses batch statistics when ``train`` and running statistics otherwise."""
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=eps,
+                        dtype=dtype, name=name, **kw)
+
+
+class ConvBN(nn.Module):
+    """Conv → BatchNorm → activation, as torchvision's ``Conv2dNormActivation`` and
+    Inception's ``BasicConv2d``. Parameters live under ``conv`` and ``bn``."""
+
+    features: int
+    kernel_size: int | Sequence[int] = 3
+    strides: int | Sequence[int] = 1
+    groups: int = 1
+    dilation: int = 1
+    act: Activation | None = nn.relu
+    padding: str | Any = "torch"
+    use_bias: bool = False
+    bn_eps: float = TORCH_BN_EPS
+    bn_momentum: float = TORCH_BN_MOMENTUM
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Conv(self.features, self.kernel_size, self.strides, groups=self.groups,
+                 dilation=self.dilation, padding=self.padding, use_bias=self.use_bias,
+                 dtype=self.dtype, name="conv")(x)
+        x = BatchNorm(train, eps=self.bn_eps, momentum=self.bn_momentum, dtype=self.dtype,
+                      name="bn")(x)
+        return x if self.act is None else self.act(x)
+
+
+def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False):
+    """PyTorch's ``MaxPool2d`` (padding with -inf, optional ``ceil_mode``)."""
+    pads = [_pool_padding(size, window, stride, padding, ceil_mode) for size in x.shape[1:3]]
+    return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+def avg_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False,
+             count_include_pad: bool = True):
+    """PyTorch's ``AvgPool2d``. With ``ceil_mode`` the extra right/bottom cells never count."""
+    if not ceil_mode:
+        return nn.avg_pool(x, (window, window), (stride, stride),
+                           padding=((padding, padding),) * 2, count_include_pad=count_include_pad)
+    pads = [_pool_padding(size, window, stride, padding, ceil_mode) for size in x.shape[1:3]]
+    summed = nn.pool(x, 0.0, jax.lax.add, (window, window), (stride, stride), pads)
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    if count_include_pad:  # PyTorch counts the symmetric padding but not the ceil_mode overhang.
+        ones = jnp.pad(ones, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                       constant_values=1)
+        extra = [(0, p[1] - padding) for p in pads]
+        counts = nn.pool(ones, 0.0, jax.lax.add, (window, window), (stride, stride),
+                         [(0, extra[0][1]), (0, extra[1][1])])
+    else:
+        counts = nn.pool(ones, 0.0, jax.lax.add, (window, window), (stride, stride), pads)
+    return summed / counts
+
+
+def _pool_padding(size: int, window: int, stride: int, padding: int, ceil_mode: bool):
+    if not ceil_mode:
+        return (padding, padding)
+    out = math.ceil((size + 2 * padding - window) / stride) + 1
+    if (out - 1) * stride >= size + padding:  # PyTorch: the last window must start inside.
+        out -= 1
+    return (padding, (out - 1) * stride + window - size - padding)
+
+
+def adaptive_avg_pool(x, output_size: int | Sequence[int]):
+    """PyTorch's ``AdaptiveAvgPool2d``: bin i spans [floor(i*H/o), ceil((i+1)*H/o))."""
+    oh, ow = pair(output_size)
+    h, w = x.shape[1:3]
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:
+        return nn.avg_pool(x, (h // oh, w // ow), (h // oh, w // ow))
+    rows = [x[:, (i * h) // oh:-(-((i + 1) * h) // oh)].mean(axis=1, keepdims=True)
+            for i in range(oh)]
+    x = jnp.concatenate(rows, axis=1)
+    cols = [x[:, :, (j * w) // ow:-(-((j + 1) * w) // ow)].mean(axis=2, keepdims=True)
+            for j in range(ow)]
+    return jnp.concatenate(cols, axis=2)
+
+
+def global_avg_pool(x):
+    return jnp.mean(x, axis=(1, 2))
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round channels to a multiple of ``divisor``, never below 90% of ``value`` (MobileNet)."""
+    min_value = min_value or divisor
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+def hard_sigmoid(x):
+    return jax.nn.relu6(x + 3.0) / 6.0
+
+
+def hard_swish(x):
+    return x * hard_sigmoid(x)
+
+
+gelu = functools.partial(jax.nn.gelu, approximate=False)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: global pool → reduce conv → act → expand conv → gate."""
+
+    squeeze_channels: int
+    act: Activation = nn.relu
+    gate: Activation = jax.nn.sigmoid
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.Conv(self.squeeze_channels, (1, 1), dtype=self.dtype, name="reduce")(s)
+        s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="expand")(self.act(s))
+        return x * self.gate(s)
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per example with probability ``rate`` while training
+    and rescales the kept ones (torchvision's ``StochasticDepth(mode="row")``)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0.0)

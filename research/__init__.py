@@ -1,0 +1,1 @@
+"""transferlab's research code: data, freezing, optimizers, training, checkpoints, conversion."""

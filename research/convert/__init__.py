@@ -1,0 +1,1 @@
+"""Converters from reference implementations' weights to transferlab variables."""

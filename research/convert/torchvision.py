@@ -1,0 +1,73 @@
+"""torchvision state dicts → transferlab variables.
+
+Each family module ``research/convert/torchvision_<family>.py`` defines
+``ARCHS`` (our registry names it converts), ``rules(arch)`` (ordered regex renames from
+torchvision's keys to our module paths, "." separated) and optionally
+``special(renamed_key, value)`` for tensors with no generic rule.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+import models
+from research import tree
+from research.convert import common
+from research.errors import CheckpointError
+
+FAMILIES = ("resnet", "alexnet", "vgg", "inception", "mobilenet", "efficientnet", "vit")
+
+# torchvision's eval transforms: resize the short side, centre crop, ImageNet mean/std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def family_of(arch: str):
+    for family in FAMILIES:
+        try:
+            module = importlib.import_module(f"research.convert.torchvision_{family}")
+        except ModuleNotFoundError:
+            continue
+        if arch in module.ARCHS:
+            return module
+    raise CheckpointError(f"no torchvision converter for {arch!r}; converters exist for "
+                          f"{sorted(supported())}")
+
+
+def supported() -> list[str]:
+    archs = []
+    for family in FAMILIES:
+        try:
+            archs += importlib.import_module(f"research.convert.torchvision_{family}").ARCHS
+        except ModuleNotFoundError:
+            pass
+    return archs
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
+                       source: str = "state dict") -> tuple[object, dict]:
+    """``(model, variables)`` for torchvision's ``arch`` with the weights of ``state_dict``."""
+    family = family_of(arch)
+    model = models.create(arch, num_classes=num_classes, **getattr(family, "OPTIONS", {}).get(arch, {}))
+    converted = common.convert_torch(state_dict, family.rules(arch), getattr(family, "special", None))
+    shapes = {p: s.shape for p, s in tree.flatten(models.variable_shapes(
+        model, models.model_info(arch).input_size)).items()}
+    return model, common.fit_to(shapes, converted, source, f"transferlab's {arch}")
+
+
+def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
+    """Read a ``.pth`` / ``.safetensors`` file and convert it; see ``convert_state_dict``."""
+    return convert_state_dict(common.read_state_dict(path), arch, num_classes=num_classes,
+                              source=str(path))
+
+
+def preprocessing(arch: str) -> dict:
+    """How torchvision's weights expect their input (its ``IMAGENET1K_V1`` eval transforms)."""
+    info = models.model_info(arch)
+    resize = {"inception_v3": 342}.get(arch, round(info.input_size / 0.875))
+    return dict(input_size=info.input_size, resize=resize, crop_fraction=info.input_size / resize,
+                interpolation="bilinear", mean=[255 * m for m in IMAGENET_MEAN],
+                std=[255 * s for s in IMAGENET_STD], channel_order="RGB")
