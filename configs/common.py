@@ -1,0 +1,67 @@
+"""The sections every training config has, with their defaults.
+
+Sections: ``model`` (registry name and options), ``init`` (checkpoint to start from, what not to
+load), ``data``, ``freeze`` (depth and/or regexes), ``optim``, ``train`` and ``mesh``.
+"""
+
+import ml_collections
+
+from research.data import DEBIAN_FASHION_MNIST
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "train"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = ""  # empty: the checkpoint's architecture
+    c.model.options = ml_collections.ConfigDict()
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""  # a run's workdir or scripts.convert's output; empty: from scratch
+    c.init.dont_load = ("head/.*",)  # regexes of paths that stay freshly initialised
+    c.init.zero_head = False  # zero the parameters that dont_load kept fresh
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist"  # fashion_mnist, digits, or any TFDS dataset in array_record form
+    c.data.idx_dir = DEBIAN_FASHION_MNIST
+    c.data.tfds_dir = ""  # empty: TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    c.data.train_split = "train"
+    c.data.test_split = "test"
+    c.data.image_key = "image"
+    c.data.label_key = "label"
+    c.data.classes = ()  # a subset of the labels, relabelled 0..k-1; empty: all
+    c.data.per_class = 0  # few-shot: training examples per class, chosen by train.seed; 0: all
+    c.data.image_size = 0  # resize to this on device; 0: the checkpoint's or the images' size
+    c.data.mean = ml_collections.FieldReference(None, field_type=tuple)  # 0–255 scale
+    c.data.std = ml_collections.FieldReference(None, field_type=tuple)
+
+    c.freeze = ml_collections.ConfigDict()
+    c.freeze.depth = 0  # freeze the first n of model.blocks
+    c.freeze.regex = ()  # and every parameter whose path matches one of these in full
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # sgd or adamw
+    c.optim.lr = 0.05
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 5e-4
+    c.optim.grad_clip = 0.0  # global-norm clipping of the trainable gradients; 0: none
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.seed = 0
+    c.train.epochs = 5.0
+    c.train.batch_size = 64
+    c.train.eval_batch_size = 512
+    c.train.label_smoothing = 0.0
+    c.train.dtype = "float32"  # computation dtype; parameters stay float32
+    c.train.eval_every_epochs = 1.0  # 0: evaluate only at the end
+    c.train.checkpoint_every_epochs = 1.0  # 0: checkpoint only at the end
+    c.train.keep_checkpoints = 2
+    c.train.progress = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the data axis; -1: all
+    return c

@@ -1,0 +1,64 @@
+"""The quickstart: how much of a network pretrained on one task should be frozen for another?
+
+Pretrains the small ResNet on Fashion-MNIST classes 0–4 (T-shirt, trouser, pullover, dress,
+coat), then transfers to classes 5–9 (sandal, shirt, sneaker, bag, ankle boot) with 100
+labelled examples per class, comparing training from scratch, a linear probe, and fine-tuning
+with the first 0…3 blocks frozen.
+
+    python -m scripts.ablate --config configs/quickstart.py --workdir runs/quickstart
+    python -m scripts.ablate --config configs/quickstart.py:seeds=3 --workdir runs/qs3
+    python -m scripts.ablate --config configs/quickstart.py:reduced=True --workdir /tmp/qs
+
+Writes results.csv and accuracy_vs_freeze_depth.png in the workdir. On 2 CPU cores it takes
+about 5 minutes; pretraining reaches about 0.90 test accuracy on classes 0–4, and on 5–9 from
+500 examples fine-tuning and the linear probe reach about 0.90, far above training from
+scratch (about 0.80). ``reduced=True`` is a one-minute version for tests.
+"""
+
+import ml_collections
+
+from configs.common import base_config
+from configs.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from research.config import parse_arg
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, seeds=1, reduced=False)
+    c = ml_collections.ConfigDict()
+    c.name = "quickstart"
+
+    c.pretrain = base_config()
+    c.pretrain.name = "pretrain"
+    c.pretrain.model.name = "resnet_small"
+    c.pretrain.data.classes = (0, 1, 2, 3, 4)
+    c.pretrain.data.mean, c.pretrain.data.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    c.pretrain.train.epochs = 2.0
+    c.pretrain.train.batch_size = 128
+    c.pretrain.optim.lr = 0.1
+
+    c.transfer = base_config()
+    c.transfer.data.classes = (5, 6, 7, 8, 9)
+    c.transfer.data.per_class = 100
+    c.transfer.data.mean, c.transfer.data.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    c.transfer.train.epochs = 15.0
+    c.transfer.train.batch_size = 50
+    c.transfer.train.eval_every_epochs = 0.0
+    c.transfer.train.checkpoint_every_epochs = 0.0
+    c.transfer.train.keep_checkpoints = 1
+    c.transfer.optim.lr = 0.02
+
+    c.ablation = ml_collections.ConfigDict()
+    c.ablation.seeds = tuple(range(arg.seeds))
+    c.ablation.depths = ()  # empty: 0 … all-but-head
+    c.ablation.regimes = ("scratch", "linear_probe", "finetune")
+    c.ablation.probe_lr = 0.1
+
+    if arg.reduced:
+        c.pretrain.train.epochs = 0.25
+        c.pretrain.train.eval_every_epochs = 0.0
+        c.transfer.data.per_class = 20
+        c.transfer.train.epochs = 3.0
+        c.transfer.train.batch_size = 20
+        for section in (c.pretrain, c.transfer):
+            section.train.progress = False
+    return c

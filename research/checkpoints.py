@@ -1,0 +1,70 @@
+"""Orbax checkpoints of a run: ``<dir>/checkpoints/<step>/{variables,train_state,meta}``.
+
+``variables`` holds ``params`` and ``batch_stats``; ``train_state`` the optimizer state, step and
+RNG (training runs only); ``meta`` (JSON) the model, its preprocessing and the config it came
+from. Converted weights are written the same way at step 0, without ``train_state``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from research.errors import CheckpointError
+
+VARIABLES, TRAIN_STATE, META = "variables", "train_state", "meta"
+SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(directory: str | Path) -> Path:
+    """The orbax directory of a run's workdir (or of the orbax directory itself)."""
+    directory = Path(directory).expanduser().resolve()
+    return directory / SUBDIR if (directory / SUBDIR).is_dir() else directory
+
+
+def manager(orbax_dir: str | Path, *, max_to_keep: int | None = 2,
+            create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    return ocp.CheckpointManager(Path(orbax_dir).resolve(), options=options,
+                                 item_names=(VARIABLES, TRAIN_STATE, META))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, variables, meta: dict, train_state=None) -> None:
+    items = {VARIABLES: ocp.args.StandardSave(variables), META: ocp.args.JsonSave(meta)}
+    if train_state is not None:
+        items[TRAIN_STATE] = ocp.args.StandardSave(train_state)
+    mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def open_existing(directory: str | Path) -> tuple[ocp.CheckpointManager, int]:
+    """The manager of a checkpoint directory and its latest step, or a CheckpointError."""
+    path = checkpoint_dir(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"{directory} is not a checkpoint: no such directory. Pass the "
+                              "workdir of a training run or the output of scripts.convert.")
+    mngr = manager(path, create=False, max_to_keep=None)
+    step = mngr.latest_step()
+    if step is None:
+        raise CheckpointError(
+            f"{directory} is not a checkpoint: it holds no {SUBDIR}/<step>/ directory with "
+            f"{VARIABLES} and {META}. Pass the workdir of a training run or the output of "
+            "scripts.convert.")
+    return mngr, step
+
+
+def restore(directory: str | Path, *, with_train_state_like=None):
+    """``(variables, meta, train_state or None)`` of the latest step under ``directory``."""
+    mngr, step = open_existing(directory)
+    items = {VARIABLES: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()}
+    if with_train_state_like is not None:
+        items[TRAIN_STATE] = ocp.args.StandardRestore(with_train_state_like)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"the checkpoint {checkpoint_dir(directory)}/{step} cannot be read "
+                              f"({type(e).__name__}: {e}); it is corrupt or incomplete.") from None
+    finally:
+        mngr.close()
+    return (restored[VARIABLES], restored[META],
+            restored[TRAIN_STATE] if with_train_state_like is not None else None)

@@ -1,0 +1,311 @@
+"""Training and evaluation: a jit-compiled step over a device mesh, with orbax checkpoints.
+
+The batch is sharded over the mesh's ``data`` axis and the state replicated, so one code path
+serves one CPU, eight forced host devices, all GPUs of a host, or many hosts
+(``jax.distributed``). A run resumes from the latest checkpoint in its workdir; the batch at step
+k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+import models
+from research import checkpoints, data, freeze, optim, preprocess, pretrained, tree
+from research.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
+
+    def train_state(self) -> dict:
+        return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
+
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, validated before anything is written."""
+
+    cfg: Any
+    model: Any
+    model_meta: dict
+    train_split: data.Split
+    test_split: data.Split
+    preprocess_spec: dict
+    plan: freeze.FreezePlan
+    tx: optax.GradientTransformation
+    state: TrainState
+    steps_per_epoch: int
+    total_steps: int
+    mesh: jax.sharding.Mesh
+
+    @property
+    def trainable_params(self) -> int:
+        return self.plan.trainable_count(self.state.params)
+
+    def meta(self) -> dict:
+        return dict(model=self.model_meta, preprocess=self.preprocess_spec,
+                    config=self.cfg.to_dict(), num_classes=self.train_split.num_classes)
+
+
+def make_mesh(cfg) -> jax.sharding.Mesh:
+    n = cfg.get("data", -1)
+    n = jax.device_count() if n in (-1, None) else n
+    if n > jax.device_count():
+        raise ConfigError(f"mesh.data={n} but only {jax.device_count()} devices are visible.")
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+
+
+def build(cfg) -> Experiment:
+    """Validate ``cfg`` and build the model, data, freeze plan, optimizer and initial state."""
+    mesh = make_mesh(cfg.mesh)
+    global_batch = cfg.train.batch_size
+    if global_batch % mesh.size:
+        raise ConfigError(f"train.batch_size={global_batch} must be a multiple of the "
+                          f"{mesh.size} devices of the mesh.")
+    if cfg.train.dtype not in DTYPES:
+        raise ConfigError(f"train.dtype={cfg.train.dtype!r}; use one of {sorted(DTYPES)}.")
+    train_split, test_split = data.load_splits(cfg.data, seed=cfg.train.seed)
+    model, variables, model_meta, spec = _model_and_variables(cfg, train_split)
+    plan = freeze.resolve(cfg.freeze, model, variables["params"])
+    steps_per_epoch = len(train_split) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={global_batch} exceeds the {len(train_split)} "
+                          "training examples: lower it.")
+    total_steps = int(cfg.train.epochs * steps_per_epoch)
+    tx = optim.make_optimizer(cfg.optim, plan, variables["params"], total_steps)
+    rng = jax.random.key_data(jax.random.key(cfg.train.seed + 1))
+    state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
+                       variables.get("batch_stats", {}), tx.init(variables["params"]), rng)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    return Experiment(cfg, model, model_meta, train_split, test_split, spec, plan, tx, state,
+                      steps_per_epoch, total_steps, mesh)
+
+
+def _model_and_variables(cfg, train_split):
+    """The model with a head for this task, its initial variables, meta and preprocessing."""
+    source = pretrained.load(cfg.init.checkpoint) if cfg.init.checkpoint else None
+    name = cfg.model.name or (source and source.meta["model"]["name"])
+    if not name:
+        raise ConfigError("set model.name (see models.list_models()) or init.checkpoint.")
+    options = dict(cfg.model.get("options", {}))
+    if source and not cfg.model.name:
+        options = {**source.meta["model"].get("options", {}), **options}
+    in_chans = train_split.image_shape[-1]
+    model = models.create(name, num_classes=train_split.num_classes, in_chans=in_chans,
+                          dtype=DTYPES[cfg.train.dtype], **options)
+    spec = _preprocess_spec(cfg.data, source)
+    size = spec["input_size"] or train_split.image_shape[0]
+    fresh = models.init_variables(model, jax.random.key(cfg.train.seed), size)
+    variables = fresh
+    if source:
+        variables, kept = pretrained.merge(fresh, source.variables, cfg.init.dont_load,
+                                           source=str(cfg.init.checkpoint))
+        if cfg.init.zero_head:
+            variables = _zero(variables, kept)
+    return model, variables, pretrained.model_meta(name, model, options), spec
+
+
+def _preprocess_spec(data_cfg, source) -> dict:
+    """The config's normalisation if it sets one, else the checkpoint's, else [-1, 1]."""
+    if data_cfg.mean is not None or source is None:
+        return preprocess.make_spec(data_cfg.mean or (127.5,), data_cfg.std or (127.5,),
+                                    data_cfg.image_size)
+    spec = dict(source.meta["preprocess"])
+    if data_cfg.image_size:
+        spec["input_size"] = data_cfg.image_size
+    return spec
+
+
+def _zero(variables: dict, paths) -> dict:
+    flat = tree.flatten(variables)
+    return tree.unflatten({p: jnp.zeros_like(v) if p in set(paths) else v for p, v in flat.items()})
+
+
+def loss_and_metrics(logits, labels, label_smoothing: float = 0.0):
+    logits = logits.astype(jnp.float32)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+    correct = jnp.argmax(logits, -1) == labels
+    return losses, correct
+
+
+def make_train_step(exp: Experiment) -> Callable:
+    """``(state, images, labels) → (state, metrics)``, jit-compiled over the mesh.
+
+    Only trainable parameters are differentiated; the optimizer sees zeros (constants, never
+    computed) for frozen ones, and frozen parameters are passed through untouched.
+    """
+    model, plan, tx, spec, cfg = exp.model, exp.plan, exp.tx, exp.preprocess_spec, exp.cfg
+    dtype = DTYPES[cfg.train.dtype]
+
+    def loss_fn(trainable, frozen, batch_stats, images, labels, rng):
+        params = tree.unflatten({**trainable, **frozen})
+        with freeze.frozen_behaviour(plan):
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                preprocess.apply(images, spec, dtype), train=True, rngs={"dropout": rng},
+                mutable=["batch_stats"])
+        losses, correct = loss_and_metrics(logits, labels, cfg.train.label_smoothing)
+        return losses.mean(), (updated.get("batch_stats", {}), correct.mean())
+
+    def step(state: TrainState, images, labels):
+        trainable, frozen = plan.split(state.params)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (batch_stats, accuracy)), grads = grad_fn(trainable, frozen, state.batch_stats,
+                                                         images, labels, rng)
+        zeros = jax.tree.map(jnp.zeros_like, frozen)
+        updates, opt_state = tx.update(tree.unflatten({**grads, **zeros}), state.opt_state,
+                                       state.params)
+        updates = tree.flatten(updates)
+        new_trainable = {p: v + updates[p].astype(v.dtype) for p, v in trainable.items()}
+        new_state = state.replace(step=state.step + 1,
+                                  params=tree.unflatten({**new_trainable, **frozen}),
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    replicated, batch = NamedSharding(exp.mesh, P()), NamedSharding(exp.mesh, P("data"))
+    return jax.jit(step, in_shardings=(replicated, batch, batch),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_eval_step(exp: Experiment) -> Callable:
+    model, spec = exp.model, exp.preprocess_spec
+    dtype = DTYPES[exp.cfg.train.dtype]
+
+    def step(variables, images, labels, mask):
+        logits = model.apply(variables, preprocess.apply(images, spec, dtype), train=False)
+        losses, correct = loss_and_metrics(logits, labels)
+        return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+                "count": jnp.sum(mask)}
+
+    replicated, batch = NamedSharding(exp.mesh, P()), NamedSharding(exp.mesh, P("data"))
+    return jax.jit(step, in_shardings=(replicated, batch, batch, batch),
+                   out_shardings=replicated)
+
+
+def global_batch(exp: Experiment, *arrays):
+    """Host-local rows → arrays sharded over the mesh (each process holds its own rows)."""
+    sharding = NamedSharding(exp.mesh, P("data"))
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
+    eval_step = eval_step or make_eval_step(exp)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    pi, pc = jax.process_index(), jax.process_count()
+    for images, labels, mask in data.eval_batches(exp.test_split, exp.cfg.train.eval_batch_size):
+        out = eval_step(state.variables(), *global_batch(exp, images[pi::pc], labels[pi::pc],
+                                                         mask[pi::pc].astype(np.float32)))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+    return {"loss": totals["loss_sum"] / totals["count"],
+            "accuracy": totals["correct"] / totals["count"]}
+
+
+def compiled_flops(exp: Experiment) -> float:
+    """XLA's flop count of one compiled train step (``cost_analysis()``)."""
+    b = exp.cfg.train.batch_size
+    images = jax.ShapeDtypeStruct((b, *exp.train_split.image_shape), jnp.uint8,
+                                  sharding=NamedSharding(exp.mesh, P("data")))
+    labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=NamedSharding(exp.mesh, P("data")))
+    compiled = make_train_step(exp).lower(exp.state, images, labels).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = None) -> dict:
+    """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint) and evaluate.
+
+    ``stop_after`` ends the run after that many steps in total, as an interruption would.
+    Returns the final metrics, the trainable parameter count and the seconds spent.
+    """
+    start = time.perf_counter()
+    exp = build(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mngr = checkpoints.manager(workdir / checkpoints.SUBDIR, max_to_keep=cfg.train.keep_checkpoints)
+    state = _resume(exp, mngr)
+    train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+    end = exp.total_steps if stop_after is None else min(stop_after, exp.total_steps)
+    step = int(state.step)
+    batches = data.train_batches(exp.train_split, cfg.train.batch_size // jax.process_count(),
+                                 cfg.train.seed, start_step=step,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    bar = tqdm(total=exp.total_steps, initial=step, desc=cfg.get("name", "train"),
+               disable=not cfg.train.progress or jax.process_index() != 0, leave=False)
+    epoch_metrics, history = [], []
+    while step < end:
+        images, labels = next(batches)
+        state, metrics = train_step(state, *global_batch(exp, images, labels))
+        step += 1
+        epoch_metrics.append(metrics)
+        bar.update(1)
+        if step == end or _every(step, exp.steps_per_epoch * cfg.train.eval_every_epochs):
+            history.append(_epoch_record(exp, state, step, epoch_metrics, eval_step))
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}",
+                            test=f"{history[-1]['test_accuracy']:.3f}")
+            _append_jsonl(workdir / "metrics.jsonl", history[-1])
+            epoch_metrics = []
+        if step == end or _every(step, exp.steps_per_epoch * cfg.train.checkpoint_every_epochs):
+            checkpoints.save(mngr, step, state.variables(), exp.meta(), state.train_state())
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    final = history[-1] if history else _epoch_record(exp, state, step, [], eval_step)
+    return dict(final, trainable_params=exp.trainable_params, n_train=len(exp.train_split),
+                seconds=time.perf_counter() - start, state=state)
+
+
+def _every(step: int, period: float) -> bool:
+    return period > 0 and step % max(int(round(period)), 1) == 0
+
+
+def _resume(exp: Experiment, mngr) -> TrainState:
+    step = mngr.latest_step()
+    if step is None:
+        return exp.state
+    variables, _, train_state = checkpoints.restore(mngr.directory,
+                                                    with_train_state_like=exp.state.train_state())
+    state = exp.state.replace(params=variables["params"],
+                              batch_stats=variables.get("batch_stats", {}), **train_state)
+    return jax.device_put(state, NamedSharding(exp.mesh, P()))
+
+
+def _epoch_record(exp, state, step, epoch_metrics, eval_step) -> dict:
+    test = evaluate(exp, state, eval_step)
+    train = {k: float(np.mean([float(m[k]) for m in epoch_metrics])) if epoch_metrics else
+             float("nan") for k in ("loss", "accuracy")}
+    return {"step": step, "epoch": step / exp.steps_per_epoch, "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"], "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"]}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    if jax.process_index() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")

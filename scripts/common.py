@@ -1,0 +1,36 @@
+"""Shared command-line set-up: CPU performance flags, multi-host start-up, clean errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# XLA:CPU's YNNPACK fusion of individual convolutions is slower than its default convolution
+# path for the networks here (about 2× on ResNets, see bench.md); applied on the CPU only, and a
+# user's own XLA_FLAGS win.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def set_cpu_defaults() -> None:
+    if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
+
+
+def start_distributed() -> None:
+    """Join a multi-host run when the launcher's environment says so (JAX_COORDINATOR_ADDRESS
+    with JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a cluster JAX detects itself)."""
+    import jax
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
+
+
+def run_main(main) -> None:
+    """Run ``main()``; transferlab's own errors print as one clear line, not a traceback."""
+    from research.errors import CheckpointError, ConfigError, DataError
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,27 @@
+"""Train one config: ``python -m scripts.train --config configs/NAME.py[:k=v,…] --workdir DIR``.
+
+Resumes from the latest checkpoint in the workdir.
+"""
+
+from scripts import common
+
+common.set_cpu_defaults()
+
+import argparse  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:key=value,…]")
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    common.start_distributed()
+    from research import config, train
+    result = train.train_and_evaluate(config.load(args.config), args.workdir)
+    print(f"step {result['step']}: test accuracy {result['test_accuracy']:.4f}, "
+          f"test loss {result['test_loss']:.4f} ({result['trainable_params']:,} trainable "
+          f"parameters, {result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

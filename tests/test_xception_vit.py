@@ -1,0 +1,153 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from research import tree
+from research.convert import common
+from research.convert import torchvision as tv
+from research.errors import CheckpointError
+from tests import reference
+
+VIT_PARAMS = {"vit_ti16": 5_717_416, "vit_s16": 22_050_664, "vit_b16": 86_567_656,
+              "vit_b32": 88_224_232, "vit_l16": 304_326_632, "vit_l32": 306_535_400}
+
+
+def top_level_names(model, image_size: int) -> list[str]:
+    """Parameter names in creation order (jitted init would sort them)."""
+    x = jnp.zeros(models.registry.input_shape(model, image_size))
+    return list(model.init(jax.random.key(0), x)["params"])
+
+
+def check_train_mode(model, variables, x):
+    logits, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
+                                  mutable=["batch_stats"])
+    assert logits.shape == (x.shape[0], model.num_classes)
+    assert not np.allclose(logits, model.apply(variables, x, train=False))
+    return updates
+
+
+# Xception
+
+
+def test_xception_param_count():
+    assert reference.param_count(models.create("xception", num_classes=1000), 299) == 22_855_952
+
+
+def test_xception_blocks_and_forward():
+    model = models.create("xception", num_classes=10)
+    assert top_level_names(model, 71) == list(model.blocks)
+    variables = models.init_variables(model, jax.random.key(0), 71)
+    x = reference.random_images(299)
+    logits, state = model.apply(variables, x, capture_intermediates=True)
+    assert logits.shape == (2, 10)
+    sizes = {name: state["intermediates"][name]["__call__"][0].shape[1:]
+             for name in ("block1", "block2", "block4", "block12", "block13", "block14")}
+    assert sizes == {"block1": (147, 147, 64), "block2": (74, 74, 128), "block4": (19, 19, 728),
+                     "block12": (19, 19, 728), "block13": (10, 10, 1024),
+                     "block14": (10, 10, 2048)}  # as Keras's summary
+    small = reference.random_images(71)
+    assert model.apply(variables, small).shape == (2, 10)
+    assert model.apply(variables, small, pre_logits=True).shape == (2, 2048)
+
+
+def test_xception_train_mode():
+    model = models.create("xception", num_classes=10, dropout=0.5)
+    variables = models.init_variables(model, jax.random.key(0), 71)
+    updates = check_train_mode(model, variables, reference.random_images(71))
+    old, new = tree.flatten(variables["batch_stats"]), tree.flatten(updates["batch_stats"])
+    assert old.keys() == new.keys()
+    assert not np.allclose(old["block2/residual_bn/mean"], new["block2/residual_bn/mean"])
+
+
+# Vision Transformers
+
+
+@pytest.mark.parametrize("arch", sorted(VIT_PARAMS))
+def test_vit_param_count(arch):
+    assert reference.param_count(models.create(arch, num_classes=1000), 224) == VIT_PARAMS[arch]
+
+
+def test_vit_blocks_and_forward():
+    model = models.create("vit_ti16", num_classes=10)
+    assert top_level_names(model, 16) == list(model.blocks)
+    assert model.blocks[1:3] == ("block00", "block01") and len(model.blocks) == 15
+    x = np.random.default_rng(0).standard_normal((2, 32, 48, 3))  # any multiple of the patch
+    variables = model.init(jax.random.key(0), x)
+    assert variables["params"]["embed"]["pos_embedding"].shape == (1, 2 * 3 + 1, 192)
+    assert model.apply(variables, x).shape == (2, 10)
+    assert model.apply(variables, x, pre_logits=True).shape == (2, 192)
+    with pytest.raises(ValueError, match="learned for 6 patches, but this input has 2×2"):
+        model.apply(variables, reference.random_images(32))
+
+
+def test_vit_train_mode():
+    model = models.create("vit_ti16", num_classes=10, dropout=0.1, attention_dropout=0.1,
+                          encoder_dropout=0.1)
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    variables["params"]["head"]["kernel"] += 0.1  # the head starts at zero, as torchvision's
+    check_train_mode(model, variables, reference.random_images(32))
+
+
+def randomise_constants(torch_model, seed: int = 0) -> None:
+    """torchvision starts LayerNorms at identity, biases and the class token near zero and the
+    head at zero: random values instead, so that every tensor's conversion shows in the logits."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in torch_model.named_parameters():
+            if name.endswith("bias") or name == "class_token":
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif param.ndim == 1:
+                param.copy_(torch.rand(param.shape, generator=gen) * 0.5 + 0.5)
+            elif name.startswith("heads."):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def convert(path, arch: str, image_size: int):
+    """``convert_file`` fits the registered input size (224); the position embedding of a
+    reference built for another size needs the shapes of that size."""
+    if image_size == models.model_info(arch).input_size:
+        return tv.convert_file(path, arch)
+    family = tv.family_of(arch)
+    model = models.create(arch, num_classes=1000)
+    converted = common.convert_torch(common.read_state_dict(path), family.rules(arch),
+                                     family.special)
+    shapes = {p: s.shape for p, s in tree.flatten(models.variable_shapes(model, image_size)).items()}
+    return model, common.fit_to(shapes, converted, str(path), arch)
+
+
+VIT_CASES = [("vit_b16", 224), ("vit_b16", 64), ("vit_b32", 224), ("vit_b32", 96),
+             pytest.param("vit_l16", 224, marks=pytest.mark.slow), ("vit_l16", 64),
+             pytest.param("vit_l32", 224, marks=pytest.mark.slow), ("vit_l32", 96)]
+
+
+@pytest.mark.parametrize("arch,size", VIT_CASES)
+def test_vit_logits_match_torchvision(arch, size, tmp_path):
+    torch = reference.torch_or_skip()
+    import torchvision
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, models.model_info(arch).torchvision)(weights=None,
+                                                                           image_size=size)
+    randomise_constants(ref)  # no BatchNorm to randomise
+    path = tmp_path / f"{arch}.pth"
+    torch.save(ref.state_dict(), path)
+    model, variables = convert(path, arch, size)
+    x = reference.random_images(size)
+    np.testing.assert_allclose(reference.flax_logits(model, variables, x),
+                               reference.torch_logits(ref, x), atol=1e-4, rtol=0)
+
+
+def test_vit_rejects_another_variant(tmp_path):
+    torch = reference.torch_or_skip()
+    from torchvision.models.vision_transformer import VisionTransformer
+    ref = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                            hidden_dim=64, mlp_dim=128)
+    path = tmp_path / "tiny_vit.pth"
+    torch.save(ref.state_dict(), path)
+    with pytest.raises(CheckpointError) as error:
+        tv.convert_file(path, "vit_b16")
+    message = str(error.value)
+    assert "params/block11/attn/query/kernel" in message  # missing
+    assert "params/embed/patch/kernel: (16, 16, 3, 64)" in message  # mis-shaped
