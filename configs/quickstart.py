@@ -58,7 +58,7 @@ def get_config(arg=None):
         c.pretrain.train.eval_every_epochs = 0.0
         c.transfer.data.per_class = 20
         c.transfer.train.epochs = 3.0
-        c.transfer.train.batch_size = 20
+        c.transfer.train.batch_size = 16
         for section in (c.pretrain, c.transfer):
             section.train.progress = False
     return c

@@ -36,7 +36,7 @@ def keras_bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
 
 
 class SeparableConv(nn.Module):
-    """Keras's ``SeparableConv2D`` without bias: depthwise 3×3 then pointwise 1×1, SAME padding."""
+    """Keras's ``SeparableConv2D`` without bias: depthwise 3×3 (SAME) then pointwise 1×1."""
 
     features: int
     dtype: Any = jnp.float32

@@ -11,6 +11,7 @@ Batches are ``(images uint8 NHWC, labels int32)``; normalisation and resizing ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -152,22 +153,29 @@ class Split:
         return self.read_batch(np.array([0]))[0].shape[1:]
 
 
-def data_sources(cfg) -> dict:
-    """``{split: data source}`` for ``cfg.name`` (``fashion_mnist``, ``digits``, or a TFDS name)."""
-    data_dir = cfg.get("tfds_dir") or None
-    if cfg.name in _BUILDERS:
-        kwargs = {"idx_dir": cfg.idx_dir} if cfg.name == "fashion_mnist" else {}
-        builder = _BUILDERS[cfg.name](data_dir=data_dir, file_format="array_record", **kwargs)
+def data_source(cfg, split: str):
+    """The data source of ``split`` of ``cfg.name`` (fashion_mnist, digits, or a TFDS name)."""
+    return _data_source(cfg.name, cfg.get("tfds_dir") or None, cfg.get("idx_dir"), split)
+
+
+@functools.lru_cache(maxsize=16)
+def _data_source(name: str, data_dir: str | None, idx_dir: str | None, split: str):
+    if name in _BUILDERS:
+        kwargs = {"idx_dir": idx_dir} if name == "fashion_mnist" else {}
+        builder = _BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
         if not builder.is_prepared():
             builder.download_and_prepare()
-        return builder.as_data_source()
+        if split not in builder.info.splits:
+            raise DataError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+        return builder.as_data_source(split=split)
     try:
-        return tfds.data_source(cfg.name, data_dir=data_dir, download=False)
-    except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError) as e:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
+            NotImplementedError, ValueError, KeyError) as e:
         raise DataError(
-            f"TFDS dataset {cfg.name!r} is not prepared in array_record form under "
-            f"{data_dir or tfds.core.constants.DATA_DIR} ({type(e).__name__}). Prepare it with "
-            f"`tfds build {cfg.name} --file_format=array_record"
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared in array_record form "
+            f"under {data_dir or tfds.core.constants.DATA_DIR} ({type(e).__name__}: {e}). "
+            f"Prepare it with `tfds build {name} --file_format=array_record"
             f"{' --data_dir ' + data_dir if data_dir else ''}`, or set data.tfds_dir to where it "
             "is.") from None
 
@@ -175,12 +183,24 @@ def data_sources(cfg) -> dict:
 def read_records(source, indices) -> list:
     """Many records at once: array_record sources read a list of indices much faster."""
     indices = [int(i) for i in indices]
-    if hasattr(source, "__getitems__"):
+    try:
         return source.__getitems__(indices)
-    return [source[i] for i in indices]
+    except (AttributeError, TypeError):  # no batched read (tfds.testing.mock_data's sources)
+        return [source[i] for i in indices]
+
+
+_LABELS: dict[tuple[int, str], np.ndarray] = {}
 
 
 def all_labels(source, label_key: str = "label", chunk: int = 10_000) -> np.ndarray:
+    """Every label of ``source``, read once per process (sources are cached, see above)."""
+    key = (id(source), label_key)
+    if key not in _LABELS:
+        _LABELS[key] = _read_labels(source, label_key, chunk)
+    return _LABELS[key]
+
+
+def _read_labels(source, label_key: str, chunk: int) -> np.ndarray:
     return np.concatenate([
         np.array([int(r[label_key]) for r in read_records(source, range(s, min(s + chunk, len(source))))],
                  np.int64)
@@ -218,12 +238,8 @@ def _few_shot(indices: np.ndarray, labels: np.ndarray, per_class: int, seed: int
 
 def load_splits(cfg, seed: int) -> tuple[Split, Split]:
     """The train split (few-shot if asked) and the full test split, both class-restricted."""
-    sources = data_sources(cfg)
-    for split in (cfg.train_split, cfg.test_split):
-        if split not in sources:
-            raise DataError(f"{cfg.name} has no split {split!r}; it has {sorted(sources)}.")
-    train = make_split(sources[cfg.train_split], cfg, few_shot=True, seed=seed)
-    test = make_split(sources[cfg.test_split], cfg, few_shot=False, seed=seed)
+    train = make_split(data_source(cfg, cfg.train_split), cfg, few_shot=True, seed=seed)
+    test = make_split(data_source(cfg, cfg.test_split), cfg, few_shot=False, seed=seed)
     return train, test
 
 

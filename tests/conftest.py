@@ -5,3 +5,23 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """A TFDS data directory shared by the session's tests (datasets are prepared once)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def make_config(tfds_dir):
+    """``make_config("fashion_mnist.py", "k=v,…")``: a config reading the session's data dir."""
+    from research import config
+
+    def make(name: str = "fashion_mnist.py", overrides: str = ""):
+        root = Path(__file__).resolve().parents[1] / "configs"
+        spec = f"{root / name}:data.tfds_dir={tfds_dir},train.progress=False"
+        return config.load(spec + ("," + overrides if overrides else ""))
+    return make

@@ -34,9 +34,8 @@ def nhwc_dense_kernel(weight: np.ndarray, pool_size: int) -> np.ndarray | None:
     if weight.ndim != 2 or weight.shape[1] % pool_size**2:
         return None
     out_features, in_features = weight.shape
-    channels = in_features // pool_size**2
-    return (weight.reshape(out_features, channels, pool_size, pool_size)
-            .transpose(2, 3, 1, 0).reshape(in_features, out_features))
+    chw = weight.reshape(out_features, in_features // pool_size**2, pool_size**2)
+    return chw.transpose(0, 2, 1).reshape(out_features, in_features).T
 
 
 def fc6_special(pool_size: int):

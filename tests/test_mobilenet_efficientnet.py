@@ -1,0 +1,189 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from research import tree
+from research.convert import common
+from research.convert import torchvision as tv
+from research.errors import CheckpointError
+from tests import reference
+
+PARAM_COUNTS = {  # published, 1000 classes (Keras's trainable count for MobileNetV1)
+    "mobilenet_v1": 4_231_976, "mobilenet_v2": 3_504_872,
+    "mobilenet_v3_large": 5_483_032, "mobilenet_v3_small": 2_542_856,
+    "efficientnet_b0": 5_288_548, "efficientnet_b1": 7_794_184, "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232, "efficientnet_b4": 19_341_616,
+    "efficientnet_b5": 30_389_784, "efficientnet_b6": 43_040_704,
+    "efficientnet_b7": 66_347_960,
+}
+PRE_LOGITS = {
+    "mobilenet_v1": 1024, "mobilenet_v2": 1280, "mobilenet_v3_large": 1280,
+    "mobilenet_v3_small": 1024, "efficientnet_b0": 1280, "efficientnet_b1": 1280,
+    "efficientnet_b2": 1408, "efficientnet_b3": 1536, "efficientnet_b4": 1792,
+    "efficientnet_b5": 2048, "efficientnet_b6": 2304, "efficientnet_b7": 2560,
+}
+TORCHVISION = [arch for arch in PARAM_COUNTS if arch != "mobilenet_v1"]
+LIGHT_AT_DEFAULT = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
+                    "efficientnet_b0", "efficientnet_b1")
+SMALL = 75  # odd, so that strided layers see odd sizes
+
+
+@pytest.mark.parametrize("arch", PARAM_COUNTS)
+def test_param_count(arch):
+    model = models.create(arch, num_classes=1000)
+    assert reference.param_count(model, 32) == PARAM_COUNTS[arch]
+
+
+@functools.lru_cache(maxsize=1)  # the tests of one case share a conversion
+def _converted(arch: str, calibration_size: int, directory):
+    """torchvision's ``arch`` with BatchNorm statistics measured at ``calibration_size`` (at
+    64×64, the statistics of the last stages hold only border pixels, and logits at 224×224
+    grow to ~1e3), and its conversion."""
+    torch = reference.torch_or_skip()
+    import torchvision
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(weights=None)
+    reference.randomise_batchnorm(ref, image_size=calibration_size)
+    path = directory / f"{arch}.pth"
+    torch.save(ref.state_dict(), path)
+    model, variables = tv.convert_file(path, arch)
+    path.unlink()
+    return ref, model, variables
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("torchvision")
+    yield lambda arch, calibration_size: _converted(arch, calibration_size, directory)
+    _converted.cache_clear()
+
+
+def _logit_cases():
+    """Every architecture at 75×75 and at its default resolution (calibrated at 224: cheaper
+    than at 600, and as good)."""
+    cases = []
+    for arch in TORCHVISION:
+        cases.append(pytest.param(arch, SMALL, SMALL, id=f"{arch}-{SMALL}"))
+        size = models.model_info(arch).input_size
+        slow = () if arch in LIGHT_AT_DEFAULT else (pytest.mark.slow,)
+        cases.append(pytest.param(arch, size, 224, id=f"{arch}-{size}", marks=slow))
+    return cases
+
+
+def _assert_logits_match(ours, ref, message):
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0, err_msg=message)
+    # Tiny logits (torchvision initialises MobileNet heads with std 0.01) pass any atol.
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max(), message
+
+
+@pytest.mark.parametrize("arch,size,calibration_size", _logit_cases())
+def test_logits_match_torchvision(arch, size, calibration_size, converted):
+    ref, model, variables = converted(arch, calibration_size)
+    x = reference.random_images(size)
+    _assert_logits_match(reference.flax_logits(model, variables, x),
+                         reference.torch_logits(ref, x), f"{arch} at {size}×{size}")
+
+
+def _timm_mobilenet_v1_rules(stage_depths):
+    """timm's ``blocks.<stage>.<j>`` numbered as Keras's ``block1`` … ``block13``."""
+    rules, index = [(r"^conv_stem\.", "stem.conv."), (r"^bn1\.", "stem.bn.")], 1
+    for stage, depth in enumerate(stage_depths):
+        for j in range(depth):
+            rules.append((rf"^blocks\.{stage}\.{j}\.", f"block{index}."))
+            index += 1
+    return (*rules, (r"\.conv_dw\.", ".depthwise.conv."), (r"\.bn1\.", ".depthwise.bn."),
+            (r"\.conv_pw\.", ".pointwise.conv."), (r"\.bn2\.", ".pointwise.bn."),
+            (r"^classifier\.", "head."))
+
+
+def test_mobilenet_v1_with_torch_padding_matches_timm():
+    """timm's mobilenetv1_100 is Keras's layout with PyTorch's padding and BatchNorm."""
+    torch = reference.torch_or_skip()
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("mobilenetv1_100", pretrained=False)
+    reference.randomise_batchnorm(ref, image_size=SMALL)
+    model = models.create("mobilenet_v1", num_classes=1000, padding="torch",
+                          bn_eps=1e-5, bn_momentum=0.9)
+    state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
+    converted = common.convert_torch(state_dict, _timm_mobilenet_v1_rules((1, 2, 2, 6, 2)))
+    shapes = {p: s.shape for p, s in tree.flatten(models.variable_shapes(model, SMALL)).items()}
+    variables = common.fit_to(shapes, converted, "timm", "mobilenet_v1")
+    x = reference.random_images(SMALL)
+    _assert_logits_match(reference.flax_logits(model, variables, x),
+                         reference.torch_logits(ref, x), "mobilenet_v1")
+
+
+@pytest.mark.parametrize("source,target,paths", [
+    ("mobilenet_v3_small", "mobilenet_v3_large",
+     ("params/block12/expand/conv/kernel",  # missing
+      "batch_stats/features/12/bn/mean",  # unexpected: small's features_last
+      "params/block11/depthwise/bn/scale: (576,)")),  # mis-shaped
+    ("efficientnet_b0", "efficientnet_b1", ("params/stage1/block1/depthwise/conv/kernel",)),
+])
+def test_state_dict_of_another_variant_does_not_fit(source, target, paths):
+    reference.torch_or_skip()
+    import torchvision
+    ref = getattr(torchvision.models, source)(weights=None)
+    state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        tv.convert_state_dict(state_dict, target)
+    for path in paths:
+        assert path in str(err.value)
+
+
+def _parameter_names_in_creation_order(model, x):
+    """The top-level parameter names as the forward pass creates them (``variable_shapes``
+    returns them sorted, as JAX flattens dicts)."""
+    names = []
+
+    def init(x):
+        params = model.init(jax.random.key(0), x)["params"]
+        names.extend(params)
+        return params
+
+    jax.eval_shape(init, x)
+    return tuple(names)
+
+
+@pytest.mark.parametrize("arch", PARAM_COUNTS)
+def test_blocks_are_the_parameters_in_forward_order(arch):
+    model = models.create(arch, num_classes=10)
+    size = models.model_info(arch).min_size
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    assert _parameter_names_in_creation_order(model, x) == model.blocks
+    variables = models.variable_shapes(model, size)
+    features = jax.eval_shape(functools.partial(model.apply, pre_logits=True), variables, x)
+    assert features.shape == (2, PRE_LOGITS[arch])
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small",
+                                  "efficientnet_b0"])
+def test_train_mode_uses_dropout_and_batch_stats(arch):
+    model = models.create(arch, num_classes=10, in_chans=1)
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    x = reference.random_images(32, channels=1)
+    logits, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
+                                  mutable=["batch_stats"])
+    assert logits.shape == (2, 10)
+    old, new = tree.flatten(variables["batch_stats"]), tree.flatten(updates["batch_stats"])
+    assert old.keys() == new.keys()
+    assert any(not np.allclose(old[p], new[p]) for p in old)
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.5])
+def test_efficientnet_stochastic_depth_only_while_training(drop_path):
+    model = models.create("efficientnet_b0", num_classes=10, dropout=0.0, drop_path=drop_path)
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    x = reference.random_images(32)
+
+    def train_logits(seed):
+        return model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)},
+                           mutable=["batch_stats"])[0]
+
+    assert np.allclose(train_logits(1), train_logits(2)) == (drop_path == 0.0)
+    assert model.apply(variables, x).shape == (2, 10)  # evaluation needs no "dropout" rng

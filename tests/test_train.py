@@ -1,0 +1,92 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from research import pretrained, train, tree
+from research.errors import CheckpointError, ConfigError
+
+FEW = "data.per_class=40,train.batch_size=40,train.epochs=3.0"
+
+
+def test_loss_falls_on_fashion_mnist(make_config, tmp_path):
+    cfg = make_config("fashion_mnist.py", f"{FEW},train.epochs=4.0,optim.lr=0.05")
+    train.train_and_evaluate(cfg, tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert history[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_resumed_run_ends_bit_identical(make_config, tmp_path):
+    cfg = make_config("fashion_mnist.py", f"{FEW},train.checkpoint_every_epochs=0.0")
+    whole = train.train_and_evaluate(cfg, tmp_path / "whole")["state"]
+    interrupted = train.train_and_evaluate(cfg, tmp_path / "resumed", stop_after=13)
+    assert int(interrupted["state"].step) == 13
+    resumed = train.train_and_evaluate(cfg, tmp_path / "resumed")["state"]
+    assert int(resumed.step) == int(whole.step) == 30
+    for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(resumed))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def ten_class_run(tmp_path_factory, tfds_dir):
+    from research import config
+    workdir = tmp_path_factory.mktemp("ten_class")
+    cfg = config.load(f"configs/fashion_mnist.py:data.tfds_dir={tfds_dir},train.progress=False,"
+                      "data.per_class=8,train.batch_size=40,train.epochs=1.0")
+    train.train_and_evaluate(cfg, workdir)
+    return workdir
+
+
+def test_pretrained_load_returns_model_variables_meta(ten_class_run):
+    loaded = pretrained.load(ten_class_run)
+    assert loaded.model.num_classes == 10 and loaded.meta["model"]["name"] == "resnet_small"
+    assert loaded.meta["config"]["data"]["per_class"] == 8
+    logits = loaded.model.apply(loaded.variables, loaded.preprocess(np.zeros((2, 28, 28, 1))))
+    assert logits.shape == (2, 10)
+
+
+def test_checkpoint_with_another_head_loads_with_dont_load(make_config, ten_class_run):
+    cfg = make_config("fashion_mnist.py", f"{FEW},data.classes=(5,6,7,8,9),"
+                      f"init.checkpoint='{ten_class_run}',model.name=''")
+    exp = train.build(cfg)
+    source = pretrained.load(ten_class_run)
+    loaded, fresh = tree.flatten(source.variables["params"]), tree.flatten(exp.state.params)
+    assert fresh["head/kernel"].shape == (64, 5)
+    np.testing.assert_array_equal(fresh["stage2/block0/conv1/kernel"],
+                                  loaded["stage2/block0/conv1/kernel"])
+
+
+def test_mismatch_outside_dont_load_names_the_paths(make_config, ten_class_run):
+    cfg = make_config("fashion_mnist.py", f"{FEW},data.classes=(5,6,7,8,9),"
+                      f"init.checkpoint='{ten_class_run}',init.dont_load=()")
+    with pytest.raises(CheckpointError, match=r"(?s)mis-shaped.*head/kernel: \(64, 10\)"):
+        train.build(cfg)
+
+
+def test_path_that_is_not_a_checkpoint(make_config, tmp_path):
+    cfg = make_config("fashion_mnist.py", f"init.checkpoint='{tmp_path}'")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        train.build(cfg)
+
+
+def test_unknown_config_key_names_the_fix(make_config):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean lr"):
+        make_config("fashion_mnist.py", "optim.lrr=0.1")
+
+
+def test_bad_input_leaves_no_workdir(make_config, tmp_path):
+    cfg = make_config("fashion_mnist.py", "freeze.depth=99")
+    with pytest.raises(ConfigError):
+        train.train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eight_device_mesh_shards_the_batch(make_config):
+    exp = train.build(make_config("fashion_mnist.py", FEW))
+    assert exp.mesh.size == jax.device_count() == 8
+    images, labels = train.global_batch(exp, np.zeros((40, 28, 28, 1), np.uint8),
+                                        np.zeros(40, np.int32))
+    assert len(images.sharding.device_set) == 8 and images.addressable_shards[0].data.shape[0] == 5
