@@ -105,9 +105,10 @@ def test_blocks_are_the_parameters_in_forward_order(arch):
     assert features.shape == (2, 4096)
 
 
-@pytest.mark.parametrize("arch", ["alexnet", "vgg11_bn"])
-def test_train_mode_uses_dropout_and_batch_stats(arch):
-    model = models.create(arch, num_classes=10, in_chans=1)
+@pytest.mark.parametrize("arch,options", [("alexnet", {}),
+                                          ("vgg11_bn", {"widths": (8, 16, 16, 16, 16)})])
+def test_train_mode_uses_dropout_and_batch_stats(arch, options):
+    model = models.create(arch, num_classes=10, in_chans=1, **options)
     size = models.model_info(arch).min_size
     variables = models.init_variables(model, jax.random.key(0), size)
     x = reference.random_images(size, channels=1)

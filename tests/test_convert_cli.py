@@ -1,0 +1,73 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from research import pretrained
+from tests import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convert(*args):
+    return subprocess.run([sys.executable, "-m", "scripts.convert", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_convert_writes_a_loadable_checkpoint_with_preprocessing(tmp_path):
+    torch = reference.torch_or_skip()
+    import torchvision
+    ref = torchvision.models.resnet18(weights=None, num_classes=10)
+    reference.randomise_batchnorm(ref)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    done = convert("--source", "torchvision", "--arch", "resnet18", "--input",
+                   tmp_path / "r18.pth", "--output", tmp_path / "out", "--num_classes", 10)
+    assert done.returncode == 0, done.stderr
+    loaded = pretrained.load(tmp_path / "out")
+    assert loaded.meta["preprocess"]["input_size"] == 224
+    assert loaded.meta["preprocess"]["resize"] == 256
+    raw = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    mean = np.array([0.485, 0.456, 0.406]) * 255
+    std = np.array([0.229, 0.224, 0.225]) * 255
+    expected = reference.torch_logits(ref, ((raw - mean) / std).astype(np.float32))
+    got = loaded.model.apply(loaded.variables, loaded.preprocess(raw), train=False)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    torch = reference.torch_or_skip()
+    torch.save({"fc.weight": torch.zeros(2, 2), "hook": Exploit()}, tmp_path / "evil.pth")
+    done = convert("--source", "torchvision", "--arch", "resnet18", "--input",
+                   tmp_path / "evil.pth", "--output", tmp_path / "out")
+    assert done.returncode == 2
+    assert "refused" in done.stderr and "could run code" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_state_dict_of_another_variant_lists_paths(tmp_path):
+    torch = reference.torch_or_skip()
+    import torchvision
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    done = convert("--source", "torchvision", "--arch", "resnet34", "--input",
+                   tmp_path / "r18.pth", "--output", tmp_path / "out")
+    assert done.returncode == 2
+    assert "missing" in done.stderr and "stage1/block2/conv1/kernel" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import save_file
+    save_file({"fc.weight": np.zeros((10, 512), np.float32)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    done = convert("--source", "torchvision", "--arch", "resnet18", "--input",
+                   tmp_path / "w.safetensors", "--output", tmp_path / "out")
+    assert done.returncode == 2 and "w.safetensors" in done.stderr and "truncated" in done.stderr
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this would run on load",))

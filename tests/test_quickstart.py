@@ -1,0 +1,39 @@
+import csv
+
+import pytest
+
+from pathlib import Path
+
+from research import ablate, config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart(tfds_dir, arg):
+    return config.load(f"{ROOT}/configs/quickstart.py:{arg},pretrain.data.tfds_dir={tfds_dir},"
+                       f"transfer.data.tfds_dir={tfds_dir}")
+
+
+def test_quickstart_end_to_end_on_a_reduced_config(tfds_dir, tmp_path):
+    cfg = quickstart(tfds_dir, "reduced=True")
+    rows = ablate.run_ablation(cfg, tmp_path)
+    with open(tmp_path / "results.csv") as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == list(ablate.COLUMNS)
+    regimes = [(r["regime"], int(r["freeze_depth"])) for r in written]
+    assert regimes == [("scratch", 0), ("linear_probe", 4), ("finetune", 0), ("finetune", 1),
+                       ("finetune", 2), ("finetune", 3)]
+    assert all(int(r["n_train"]) == 100 for r in written)
+    trainable = [int(r["trainable_params"]) for r in written[2:]] + [int(written[1]["trainable_params"])]
+    assert trainable == sorted(trainable, reverse=True) and trainable[-1] == 64 * 5 + 5
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in written)
+    assert (tmp_path / "accuracy_vs_freeze_depth.png").stat().st_size > 10_000
+    # Finished runs are read back, not retrained: the same seed gives the same table.
+    again = ablate.run_ablation(cfg, tmp_path)
+    assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
+
+
+def test_ablation_depths_outside_the_model_are_refused(tfds_dir):
+    cfg = quickstart(tfds_dir, "ablation.depths=(0,7)")
+    with pytest.raises(ablate.ConfigError, match=r"ablation.depths \[7\]"):
+        ablate.plan_runs(cfg, 5)
