@@ -1,8 +1,7 @@
 import csv
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 from research import ablate, config
 
