@@ -89,9 +89,10 @@ def test_vgg16_state_dict_does_not_fit_vgg16_bn():
     with pytest.raises(CheckpointError) as err:
         tv.convert_state_dict(state_dict, "vgg16_bn")
     message = str(err.value)
-    assert "params/block1/bn1/scale" in message  # missing
-    assert "params/features/2/kernel" in message  # vgg16's block1/conv2, unexpected
-    assert "params/block1/conv2/kernel" in message  # vgg16's block2/conv1, mis-shaped
+    assert "missing (64)" in message and "params/block1/bn1/scale" in message
+    assert "params/features/2/kernel" in message  # vgg16's block1/conv2: no rule renames it
+    # vgg16's block2/conv2 lands on vgg16_bn's block2/conv1:
+    assert "params/block2/conv1/kernel: (3, 3, 128, 128) in state dict" in message
 
 
 @pytest.mark.parametrize("arch", PARAM_COUNTS)
