@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 64
     c.train.eval_batch_size = 512
     c.train.label_smoothing = 0.0
+    c.train.aux_loss_weight = 0.4  # per auxiliary head (GoogLeNet, Inception v3) in train mode
     c.train.dtype = "float32"  # computation dtype; parameters stay float32
     c.train.eval_every_epochs = 1.0  # 0: evaluate only at the end
     c.train.checkpoint_every_epochs = 1.0  # 0: checkpoint only at the end

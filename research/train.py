@@ -168,8 +168,12 @@ def make_train_step(exp: Experiment) -> Callable:
                 {"params": params, "batch_stats": batch_stats},
                 preprocess.apply(images, spec, dtype), train=True, rngs={"dropout": rng},
                 mutable=["batch_stats"])
+        logits, *aux = logits if isinstance(logits, tuple) else (logits,)
         losses, correct = loss_and_metrics(logits, labels, cfg.train.label_smoothing)
-        return losses.mean(), (updated.get("batch_stats", {}), correct.mean())
+        loss = losses.mean() + sum(cfg.train.aux_loss_weight *
+                                   loss_and_metrics(a, labels, cfg.train.label_smoothing)[0].mean()
+                                   for a in aux)
+        return loss, (updated.get("batch_stats", {}), correct.mean())
 
     def step(state: TrainState, images, labels):
         trainable, frozen = plan.split(state.params)

@@ -16,7 +16,7 @@ def convert(source: str, arch: str, input_path: str | Path, *, num_classes: int 
         raise CheckpointError(f"unknown source {source!r}; converters exist for {SOURCES}.")
     from research.convert import torchvision
     model, variables = torchvision.convert_file(input_path, arch, num_classes=num_classes)
-    meta = dict(model=pretrained.model_meta(arch, model, {}),
+    meta = dict(model=pretrained.model_meta(arch, model, torchvision.options(arch)),
                 preprocess=preprocess.make_spec(**torchvision.preprocessing(arch)),
                 source=dict(library=source, arch=arch, file=str(input_path)),
                 num_classes=num_classes)

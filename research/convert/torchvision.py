@@ -25,12 +25,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _families():
+    return [importlib.import_module(f"research.convert.torchvision_{f}") for f in FAMILIES]
+
+
 def family_of(arch: str):
-    for family in FAMILIES:
-        try:
-            module = importlib.import_module(f"research.convert.torchvision_{family}")
-        except ModuleNotFoundError:
-            continue
+    for module in _families():
         if arch in module.ARCHS:
             return module
     raise CheckpointError(f"no torchvision converter for {arch!r}; converters exist for "
@@ -38,20 +38,19 @@ def family_of(arch: str):
 
 
 def supported() -> list[str]:
-    archs = []
-    for family in FAMILIES:
-        try:
-            archs += importlib.import_module(f"research.convert.torchvision_{family}").ARCHS
-        except ModuleNotFoundError:
-            pass
-    return archs
+    return [arch for module in _families() for arch in module.ARCHS]
+
+
+def options(arch: str) -> dict:
+    """Model options that torchvision's weights for ``arch`` imply."""
+    return dict(getattr(family_of(arch), "OPTIONS", {}).get(arch, {}))
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
                        source: str = "state dict") -> tuple[object, dict]:
     """``(model, variables)`` for torchvision's ``arch`` with the weights of ``state_dict``."""
+    model = models.create(arch, num_classes=num_classes, **options(arch))
     family = family_of(arch)
-    model = models.create(arch, num_classes=num_classes, **getattr(family, "OPTIONS", {}).get(arch, {}))
     converted = common.convert_torch(state_dict, family.rules(arch), getattr(family, "special", None))
     shapes = {p: s.shape for p, s in tree.flatten(models.variable_shapes(
         model, models.model_info(arch).input_size)).items()}
