@@ -75,7 +75,9 @@ def make_mesh(cfg) -> jax.sharding.Mesh:
     n = jax.device_count() if n in (-1, None) else n
     if n > jax.device_count():
         raise ConfigError(f"mesh.data={n} but only {jax.device_count()} devices are visible.")
-    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+    # Auto axes: XLA propagates the batch sharding through the model (dropout masks, BN means).
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
 
 
 def build(cfg) -> Experiment:

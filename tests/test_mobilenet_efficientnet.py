@@ -161,29 +161,38 @@ def test_blocks_are_the_parameters_in_forward_order(arch):
     assert features.shape == (2, PRE_LOGITS[arch])
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small",
-                                  "efficientnet_b0"])
-def test_train_mode_uses_dropout_and_batch_stats(arch):
-    model = models.create(arch, num_classes=10, in_chans=1)
-    variables = models.init_variables(model, jax.random.key(0), 32)
-    x = reference.random_images(32, channels=1)
-    logits, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
-                                  mutable=["batch_stats"])
-    assert logits.shape == (2, 10)
+def _train_step(model):
+    """Training-mode logits and batch statistics for a given "dropout" rng seed."""
+    apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    return lambda variables, x, seed: apply(variables, x, rngs={"dropout": jax.random.key(seed)})
+
+
+def _assert_batch_stats_updated(variables, updates):
     old, new = tree.flatten(variables["batch_stats"]), tree.flatten(updates["batch_stats"])
     assert old.keys() == new.keys()
     assert any(not np.allclose(old[p], new[p]) for p in old)
 
 
-@pytest.mark.parametrize("drop_path", [0.0, 0.5])
-def test_efficientnet_stochastic_depth_only_while_training(drop_path):
-    model = models.create("efficientnet_b0", num_classes=10, dropout=0.0, drop_path=drop_path)
+@pytest.mark.parametrize("arch", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small"])
+def test_train_mode_uses_dropout_and_batch_stats(arch):
+    model = models.create(arch, num_classes=10, in_chans=1, dropout=0.5)
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    x = reference.random_images(32, channels=1)
+    train = _train_step(model)
+    (logits, updates), (other, _) = train(variables, x, 1), train(variables, x, 2)
+    assert logits.shape == (2, 10)
+    assert not np.allclose(logits, other)
+    _assert_batch_stats_updated(variables, updates)
+
+
+def test_efficientnet_train_mode_drops_blocks():
+    """With dropout off, only stochastic depth makes training logits depend on the rng."""
+    model = models.create("efficientnet_b0", num_classes=10, dropout=0.0, drop_path=0.0)
     variables = models.init_variables(model, jax.random.key(0), 32)
     x = reference.random_images(32)
-
-    def train_logits(seed):
-        return model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)},
-                           mutable=["batch_stats"])[0]
-
-    assert np.allclose(train_logits(1), train_logits(2)) == (drop_path == 0.0)
+    deterministic, dropping = _train_step(model), _train_step(model.clone(drop_path=0.5))
+    (logits, updates), (same, _) = deterministic(variables, x, 1), deterministic(variables, x, 2)
+    np.testing.assert_allclose(logits, same)
+    _assert_batch_stats_updated(variables, updates)
+    assert not np.allclose(dropping(variables, x, 1)[0], dropping(variables, x, 2)[0])
     assert model.apply(variables, x).shape == (2, 10)  # evaluation needs no "dropout" rng

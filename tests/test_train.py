@@ -90,3 +90,14 @@ def test_eight_device_mesh_shards_the_batch(make_config):
     images, labels = train.global_batch(exp, np.zeros((40, 28, 28, 1), np.uint8),
                                         np.zeros(40, np.int32))
     assert len(images.sharding.device_set) == 8 and images.addressable_shards[0].data.shape[0] == 5
+
+
+@pytest.mark.parametrize("model", [
+    "model.name='lenet5',model.options={'dropout':0.5}",
+    pytest.param("model.name='googlenet',model.options={'aux_logits':True},data.image_size=32",
+                 marks=pytest.mark.slow)])
+def test_dropout_and_auxiliary_heads_train_on_the_mesh(make_config, tmp_path, model):
+    cfg = make_config("fashion_mnist.py", f"data.name='digits',{model},train.batch_size=32,"
+                      "train.epochs=0.1,data.mean=(32.0,),data.std=(48.0,)")
+    result = train.train_and_evaluate(cfg, tmp_path)
+    assert np.isfinite(result["train_loss"]) and result["step"] == 4
