@@ -17,7 +17,8 @@ import argparse  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, choices=["torchvision"])
+    parser.add_argument("--source", required=True,
+                        choices=["torchvision", "timm", "keras", "vit_npz"])
     parser.add_argument("--arch", required=True, help="registry name, e.g. resnet50")
     parser.add_argument("--input", required=True, help=".pth (tensors only) or .safetensors")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")

@@ -1,23 +1,34 @@
-"""Converters from reference implementations' weights to transferlab checkpoints."""
+"""Converters from reference implementations' weights to transferlab checkpoints.
+
+Each source is a module ``research/convert/<source>.py`` with ``convert_file(path, arch, *,
+num_classes) -> (model, variables)``, ``options(arch)`` (the model options its weights imply),
+``preprocessing(arch)`` (keyword arguments of ``research.preprocess.make_spec``: how its
+weights expect their input) and ``supported()`` (the registry names it converts).
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from research import checkpoints, preprocess, pretrained
 from research.errors import CheckpointError
 
-SOURCES = ("torchvision",)
+SOURCES = ("torchvision", "timm", "keras", "vit_npz")
+
+
+def source_module(source: str):
+    if source not in SOURCES:
+        raise CheckpointError(f"unknown source {source!r}; converters exist for {SOURCES}.")
+    return importlib.import_module(f"research.convert.{source}")
 
 
 def convert(source: str, arch: str, input_path: str | Path, *, num_classes: int = 1000):
     """``(model, variables, meta)`` from the weights file of ``source``'s ``arch``."""
-    if source != "torchvision":
-        raise CheckpointError(f"unknown source {source!r}; converters exist for {SOURCES}.")
-    from research.convert import torchvision
-    model, variables = torchvision.convert_file(input_path, arch, num_classes=num_classes)
-    meta = dict(model=pretrained.model_meta(arch, model, torchvision.options(arch)),
-                preprocess=preprocess.make_spec(**torchvision.preprocessing(arch)),
+    converter = source_module(source)
+    model, variables = converter.convert_file(input_path, arch, num_classes=num_classes)
+    meta = dict(model=pretrained.model_meta(arch, model, converter.options(arch)),
+                preprocess=preprocess.make_spec(**converter.preprocessing(arch)),
                 source=dict(library=source, arch=arch, file=str(input_path)),
                 num_classes=num_classes)
     return model, variables, meta
