@@ -67,7 +67,9 @@ class Embedding(nn.Module):
                 raise ValueError(
                     f"the position embedding was learned for {learned - 1} patches, but this "
                     f"input has {grid[0]}×{grid[1]} patches of {self.patch_size}×"
-                    f"{self.patch_size} pixels: use the resolution the weights were trained at.")
+                    f"{self.patch_size} pixels: use the resolution the weights were trained at, "
+                    "or load them with init.checkpoint into a model at the new resolution, "
+                    "which resamples the embedding.")
         return self.param("pos_embedding", pos_embedding_init, (1, length, self.width))
 
 

@@ -94,7 +94,7 @@ def override(config: ml_collections.ConfigDict, dotted: str, value) -> None:
         if i < len(parents):
             node = node[name]
     current = node[leaf]
-    if isinstance(current, tuple) and not isinstance(value, tuple):
+    if isinstance(current, tuple) and value is not None and not isinstance(value, tuple):
         value = (value,)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

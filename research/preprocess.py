@@ -30,5 +30,7 @@ def apply(images: jax.Array, spec: dict, dtype=jnp.float32) -> jax.Array:
                              method=spec.get("interpolation", "bilinear"))
     if spec.get("channel_order", "RGB") == "BGR":
         x = x[..., ::-1]
-    x = (x - jnp.asarray(spec["mean"], jnp.float32)) / jnp.asarray(spec["std"], jnp.float32)
-    return x.astype(dtype)
+    mean, std = jnp.asarray(spec["mean"], jnp.float32), jnp.asarray(spec["std"], jnp.float32)
+    if x.shape[-1] == 1 and mean.size > 1:  # grayscale into an RGB-pretrained network
+        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    return ((x - mean) / std).astype(dtype)

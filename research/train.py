@@ -124,7 +124,8 @@ def _model_and_variables(cfg, train_split):
     variables = fresh
     if source:
         variables, kept = pretrained.merge(fresh, source.variables, cfg.init.dont_load,
-                                           source=str(cfg.init.checkpoint))
+                                           source=str(cfg.init.checkpoint),
+                                           first_block=model.blocks[0])
         if cfg.init.zero_head:
             variables = _zero(variables, kept)
     return model, variables, pretrained.model_meta(name, model, options), spec

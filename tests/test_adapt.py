@@ -1,0 +1,68 @@
+"""Adapting pretrained weights to a task: other channels, another resolution, a new head."""
+
+import numpy as np
+import pytest
+
+import models
+from research import convert, pretrained, train, tree
+from tests import reference
+
+
+def test_input_conv_for_one_channel_sums_rgb():
+    kernel = np.random.default_rng(0).standard_normal((7, 7, 3, 64)).astype(np.float32)
+    gray = pretrained.adapt_input_conv(kernel, 1)
+    np.testing.assert_allclose(gray[:, :, 0], kernel.sum(axis=2), rtol=1e-6)
+
+
+def test_input_conv_for_six_channels_keeps_the_response_to_a_flat_image():
+    kernel = np.random.default_rng(0).standard_normal((3, 3, 3, 8)).astype(np.float32)
+    six = pretrained.adapt_input_conv(kernel, 6)
+    assert six.shape == (3, 3, 6, 8)
+    np.testing.assert_allclose(six.sum(axis=2), kernel.sum(axis=2), rtol=1e-5)
+
+
+def test_position_embedding_resampling_keeps_the_class_token_and_smooth_grids():
+    rows, cols = np.meshgrid(np.arange(14.0), np.arange(14.0), indexing="ij")
+    grid = np.stack([rows, cols], -1).reshape(1, 196, 2)
+    embedding = np.concatenate([np.full((1, 1, 2), 7.0), grid], axis=1).astype(np.float32)
+    same = pretrained.resample_position_embedding(embedding, 197)
+    np.testing.assert_allclose(same, embedding, atol=1e-5)
+    small = pretrained.resample_position_embedding(embedding, 1 + 7 * 7)
+    assert small.shape == (1, 50, 2) and (small[0, 0] == 7.0).all()
+    assert np.all(np.diff(small[0, 1:, 0].reshape(7, 7), axis=0) > 0)  # rows still increase
+
+
+def test_converted_resnet_fine_tunes_on_grayscale_fashion_mnist(make_config, tmp_path):
+    torch = reference.torch_or_skip()
+    import torchvision
+    ref = torchvision.models.resnet18(weights=None)
+    reference.randomise_batchnorm(ref)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    _, variables, meta = convert.convert("torchvision", "resnet18", tmp_path / "r18.pth")
+    convert.write(tmp_path / "r18", variables, meta)
+    cfg = make_config("fashion_mnist.py", f"init.checkpoint='{tmp_path / 'r18'}',model.name='',"
+                      "data.mean=None,data.std=None,data.image_size=32,data.per_class=4,"
+                      "data.classes=(0,1,2,3),train.batch_size=16,train.epochs=2.0,"
+                      "freeze.depth=1,init.zero_head=True")
+    result = train.train_and_evaluate(cfg, tmp_path / "run")
+    params = tree.flatten(result["state"].params)
+    rgb = tree.flatten(variables["params"])["stem/conv1/kernel"]
+    np.testing.assert_allclose(params["stem/conv1/kernel"][:, :, 0], rgb.sum(axis=2), rtol=1e-5)
+    assert params["head/kernel"].shape == (512, 4) and np.isfinite(result["train_loss"])
+    assert pretrained.load(tmp_path / "run").meta["preprocess"]["mean"][0] == pytest.approx(123.675)
+
+
+def test_vit_fine_tunes_at_another_resolution_with_one_channel(make_config, tmp_path):
+    model = models.create("vit_ti16", num_classes=1000)
+    variables = models.init_variables(model, __import__("jax").random.key(0), 224)
+    meta = dict(model=pretrained.model_meta("vit_ti16", model, {}),
+                preprocess={"mean": [127.5] * 3, "std": [127.5] * 3, "input_size": 224})
+    convert.write(tmp_path / "vit", variables, meta)
+    cfg = make_config("fashion_mnist.py", f"init.checkpoint='{tmp_path / 'vit'}',model.name='',"
+                      "data.mean=None,data.std=None,data.image_size=32,data.per_class=4,"
+                      "data.classes=(0,1),train.batch_size=8,train.epochs=1.0")
+    result = train.train_and_evaluate(cfg, tmp_path / "run")
+    params = tree.flatten(result["state"].params)
+    assert params["embed/pos_embedding"].shape == (1, 5, 192)
+    assert params["embed/patch/kernel"].shape == (16, 16, 1, 192)
+    assert np.isfinite(result["train_loss"])
