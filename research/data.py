@@ -260,9 +260,14 @@ def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
                   prefetch_threads: int = 2) -> Iterator:
     """Batches from step ``start_step`` on; each process reads its own slice of every batch."""
     ds = train_dataset(split, batch_size * process_count, seed)[start_step:]
-    ds = ds.map(lambda b: tuple(x[process_index::process_count] for x in b))
+    ds = ds.map(lambda b: process_rows(b, process_index, process_count))
     read = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(read))
+
+
+def process_rows(arrays, process_index: int, process_count: int) -> tuple:
+    """This process's contiguous block of rows: the global batch is the blocks in order."""
+    return tuple(np.array_split(a, process_count)[process_index] for a in arrays)
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator:

@@ -223,10 +223,10 @@ def global_batch(exp: Experiment, *arrays):
 def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
     eval_step = eval_step or make_eval_step(exp)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    pi, pc = jax.process_index(), jax.process_count()
     for images, labels, mask in data.eval_batches(exp.test_split, exp.cfg.train.eval_batch_size):
-        out = eval_step(state.variables(), *global_batch(exp, images[pi::pc], labels[pi::pc],
-                                                         mask[pi::pc].astype(np.float32)))
+        rows = data.process_rows((images, labels, mask.astype(np.float32)), jax.process_index(),
+                                 jax.process_count())
+        out = eval_step(state.variables(), *global_batch(exp, *rows))
         totals = {k: totals[k] + float(out[k]) for k in totals}
     return {"loss": totals["loss_sum"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"]}

@@ -1,0 +1,41 @@
+"""Two processes on loopback, four CPU devices each, train as one 8-device data-parallel run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from research import train
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ("data.name='digits',train.epochs=0.5,train.batch_size=64,train.progress=False,"
+             "data.mean=(32.0,),data.std=(48.0,)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(make_config, tfds_dir, tmp_path):
+    single = train.train_and_evaluate(make_config("fashion_mnist.py", OVERRIDES), tmp_path / "one")
+    port = free_port()
+    config = f"{ROOT}/configs/fashion_mnist.py:{OVERRIDES},data.tfds_dir={tfds_dir}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "scripts.train", "--config", config, "--workdir", tmp_path / "two"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    records = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == single["step"] == 11
+    assert abs(records[-1]["test_accuracy"] - single["test_accuracy"]) < 0.01
+    assert (tmp_path / "two" / "checkpoints" / "11").is_dir()
