@@ -1,4 +1,5 @@
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def test_quickstart_end_to_end_on_a_reduced_config(tfds_dir, tmp_path):
     assert trainable == sorted(trainable, reverse=True) and trainable[-1] == 64 * 5 + 5
     assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in written)
     assert (tmp_path / "accuracy_vs_freeze_depth.png").stat().st_size > 10_000
-    # Finished runs are read back, not retrained: the same seed gives the same table.
+    # Finished runs are read back, a deleted one is retrained: the same seed, the same table.
+    shutil.rmtree(tmp_path / "runs" / "finetune_depth2_seed0")
     again = ablate.run_ablation(cfg, tmp_path)
     assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
 
