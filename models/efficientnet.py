@@ -3,8 +3,8 @@
 Blocks: ``stem``, ``stage1`` … ``stage7`` (torchvision's ``features[1..7]``), ``features_last``
 (the 1×1 conv to 4× the last stage's width), ``head``. Parameter paths:
 ``stage2/block0/expand/conv/kernel``, ``stage2/block0/se/reduce/kernel`` (the blocks are
-``models.mobilenet.InvertedResidual``). ``padding="same"`` with ``bn_eps=1e-3`` and
-``bn_momentum=0.99`` reproduces Keras's EfficientNets.
+``models.mobilenet.InvertedResidual``). Keras's EfficientNets need ``padding="same"``,
+``bn_eps=1e-3`` and ``bn_momentum=0.99``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import layers
-from models.mobilenet import (KERAS_BN_EPS, KERAS_BN_MOMENTUM, BlockSpec, InvertedResidual,
+from models.mobilenet import (TF_BN_EPS, TF_BN_MOMENTUM, BlockSpec, InvertedResidual,
                               classify, conv_options)
 from models.registry import register
 
@@ -28,6 +28,8 @@ STAGES = (
 
 
 class Stage(nn.Module):
+    """One row of the table: ``block0`` … ``blockN``, inverted residuals with squeeze-excite."""
+
     specs: tuple[BlockSpec, ...]
     padding: str = "torch"
     bn_eps: float = layers.TORCH_BN_EPS
@@ -44,7 +46,7 @@ class Stage(nn.Module):
 class EfficientNet(nn.Module):
     width_mult: float = 1.0
     depth_mult: float = 1.0
-    drop_path: float = 0.2  # stochastic depth rate, rising linearly from 0 over the blocks
+    drop_path: float = 0.2  # stochastic depth: block k of n drops at rate drop_path * k / n
     padding: str = "torch"
     bn_eps: float = layers.TORCH_BN_EPS
     bn_momentum: float = layers.TORCH_BN_MOMENTUM
@@ -86,7 +88,7 @@ class EfficientNet(nn.Module):
 
 
 # torchvision trains B5–B7 with BatchNorm(eps=1e-3, momentum=0.01), B0–B4 with the defaults.
-_B5_TO_B7_BN = dict(bn_eps=KERAS_BN_EPS, bn_momentum=KERAS_BN_MOMENTUM)
+_B5_TO_B7_BN = dict(bn_eps=TF_BN_EPS, bn_momentum=TF_BN_MOMENTUM)
 EfficientNetB0 = functools.partial(EfficientNet, width_mult=1.0, depth_mult=1.0, dropout=0.2)
 EfficientNetB1 = functools.partial(EfficientNet, width_mult=1.0, depth_mult=1.1, dropout=0.2)
 EfficientNetB2 = functools.partial(EfficientNet, width_mult=1.1, depth_mult=1.2, dropout=0.3)

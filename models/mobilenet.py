@@ -8,8 +8,8 @@ Parameter paths: ``block3/expand/conv/kernel``, ``block3/depthwise/bn/scale``,
 ``block3/se/reduce/kernel``, ``block3/project/conv/kernel``; V1: ``block3/depthwise/conv/kernel``,
 ``block3/pointwise/bn/scale``.
 
-``padding="same"`` and ``bn_eps=1e-3`` (with Keras's ``bn_momentum=0.99``) reproduce Keras's
-variants; V1 defaults to them, as only Keras publishes it.
+``padding``, ``bn_eps`` and ``bn_momentum`` are fields for Keras's variants (TensorFlow's "same"
+padding, BatchNorm epsilon 1e-3); V1 defaults to Keras's.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from models import layers
 from models.registry import register
 
-KERAS_BN_EPS = 1e-3
-KERAS_BN_MOMENTUM = 0.99
+# TensorFlow's BatchNorm defaults, which torchvision keeps for MobileNetV3 and EfficientNet-B5–B7.
+TF_BN_EPS = 1e-3
+TF_BN_MOMENTUM = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +169,8 @@ class MobileNetV3(nn.Module):
     pre_head_features: int = 1280  # before width scaling
     width_mult: float = 1.0
     padding: str = "torch"
-    bn_eps: float = KERAS_BN_EPS  # torchvision's too
-    bn_momentum: float = KERAS_BN_MOMENTUM
+    bn_eps: float = TF_BN_EPS
+    bn_momentum: float = TF_BN_MOMENTUM
     num_classes: int = 1000
     in_chans: int = 3
     dropout: float = 0.2
@@ -211,8 +212,8 @@ class DepthwiseSeparable(nn.Module):
     features: int
     strides: int = 1
     padding: str = "same"
-    bn_eps: float = KERAS_BN_EPS
-    bn_momentum: float = KERAS_BN_MOMENTUM
+    bn_eps: float = TF_BN_EPS
+    bn_momentum: float = TF_BN_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -232,8 +233,8 @@ class MobileNetV1(nn.Module):
 
     alpha: float = 1.0  # width multiplier
     padding: str = "same"
-    bn_eps: float = KERAS_BN_EPS
-    bn_momentum: float = KERAS_BN_MOMENTUM
+    bn_eps: float = TF_BN_EPS
+    bn_momentum: float = TF_BN_MOMENTUM
     num_classes: int = 1000
     in_chans: int = 3
     dropout: float = 1e-3
