@@ -128,6 +128,34 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 _BUILDERS = {"fashion_mnist": FashionMnistIdx, "digits": SklearnDigits}
+SYNTHETIC_SIZES = {"train": 4096, "test": 512}
+
+
+class SyntheticSource:
+    """Random uint8 images and labels, a pure function of the index: for benchmarks and tests
+    of shapes no real dataset here has. Named ``synthetic:HxWxC:K`` (K classes)."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, size: int, seed: int):
+        self.shape, self.num_classes, self.size, self.seed = shape, num_classes, size, seed
+
+    @classmethod
+    def from_name(cls, name: str, split: str) -> "SyntheticSource":
+        try:
+            _, shape, classes = name.split(":")
+            shape = tuple(int(d) for d in shape.split("x"))
+            return cls(shape, int(classes), SYNTHETIC_SIZES[split], sorted(SYNTHETIC_SIZES).index(split))
+        except (ValueError, KeyError):
+            raise DataError(f"data.name={name!r}: synthetic data is named synthetic:HxWxC:K "
+                            f"(e.g. synthetic:224x224x3:1000) with splits "
+                            f"{sorted(SYNTHETIC_SIZES)}.") from None
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng((self.seed, index))
+        return {"image": rng.integers(0, 256, self.shape, np.uint8),
+                "label": int(rng.integers(self.num_classes))}
 
 
 @dataclasses.dataclass
@@ -160,6 +188,8 @@ def data_source(cfg, split: str):
 
 @functools.lru_cache(maxsize=16)
 def _data_source(name: str, data_dir: str | None, idx_dir: str | None, split: str):
+    if name.startswith("synthetic:"):
+        return SyntheticSource.from_name(name, split)
     if name in _BUILDERS:
         kwargs = {"idx_dir": idx_dir} if name == "fashion_mnist" else {}
         builder = _BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
@@ -212,7 +242,7 @@ def make_split(source, cfg, *, few_shot: bool, seed: int) -> Split:
     to ``cfg.per_class`` examples per class chosen by ``seed``."""
     labels = all_labels(source, cfg.label_key)
     classes = tuple(cfg.classes) if cfg.classes else tuple(range(int(labels.max()) + 1))
-    unknown = set(classes) - set(np.unique(labels).tolist())
+    unknown = set(cfg.classes) - set(np.unique(labels).tolist())
     if unknown:
         raise DataError(f"data.classes names classes {sorted(unknown)} that {cfg.name} does not "
                         f"have; its labels are {sorted(np.unique(labels).tolist())}.")

@@ -1,0 +1,59 @@
+"""Linear probes on cached features: run the frozen backbone once, then train only the head.
+
+For a linear probe (every block frozen but the head) recomputing the backbone every step is
+wasted work; ``extract_features`` computes the pre-logit features of a split once, and
+``train_head`` fits a new ``head`` on them with the run's optimizer settings.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from research import data, preprocess
+
+
+def extract_features(model, variables, spec: dict, split: data.Split, batch_size: int = 256):
+    """``(features, labels)`` of every example of ``split``, in order."""
+    forward = jax.jit(lambda v, x: model.apply(v, preprocess.apply(x, spec), train=False,
+                                               pre_logits=True))
+    features, labels = [], []
+    for images, batch_labels, mask in data.eval_batches(split, batch_size):
+        features.append(np.asarray(forward(variables, images))[mask])
+        labels.append(batch_labels[mask])
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def train_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int,
+               batch_size: int, lr: float, seed: int = 0):
+    """Head parameters (``kernel``, ``bias``) fitted by SGD with momentum on cached features."""
+    head = nn.Dense(num_classes)
+    params = head.init(jax.random.key(seed), features[:1])
+    steps_per_epoch = len(features) // batch_size
+    tx = optax.sgd(optax.cosine_decay_schedule(lr, epochs * steps_per_epoch), momentum=0.9)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            head.apply(p, x), y).mean()
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(features))
+        for k in range(steps_per_epoch):
+            rows = order[k * batch_size:(k + 1) * batch_size]
+            params, opt_state = step(params, opt_state, jnp.asarray(features[rows]),
+                                     jnp.asarray(labels[rows]))
+    return params["params"]
+
+
+def accuracy(head_params, features: np.ndarray, labels: np.ndarray) -> float:
+    logits = features @ np.asarray(head_params["kernel"]) + np.asarray(head_params["bias"])
+    return float(np.mean(np.argmax(logits, -1) == labels))
