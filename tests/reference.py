@@ -59,7 +59,8 @@ def torch_logits(torch_model, images_nhwc: np.ndarray) -> np.ndarray:
 
 
 def flax_logits(model, variables, images_nhwc: np.ndarray) -> np.ndarray:
-    return np.asarray(model.apply(variables, images_nhwc, train=False))
+    import jax
+    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images_nhwc))
 
 
 def random_images(size: int, batch: int = 2, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -69,3 +70,20 @@ def random_images(size: int, batch: int = 2, channels: int = 3, seed: int = 0) -
 def param_count(model, image_size: int) -> int:
     shapes = tree.flatten(models.variable_shapes(model, image_size)["params"])
     return sum(int(np.prod(s.shape)) for s in shapes.values())
+
+
+def creation_order(model, image_size: int) -> tuple[str, ...]:
+    """Top-level parameter names in the order the forward pass creates them, read while
+    tracing (``variable_shapes`` returns them sorted, as JAX flattens dicts)."""
+    import jax
+    import jax.numpy as jnp
+    names = []
+
+    def init(x):
+        params = model.init(jax.random.key(0), x)["params"]
+        names.extend(params)
+        return params
+
+    jax.eval_shape(init, jax.ShapeDtypeStruct((1, image_size, image_size, model.in_chans),
+                                              jnp.float32))
+    return tuple(names)

@@ -100,7 +100,7 @@ def test_blocks_are_the_parameters_in_forward_order(arch):
     model = models.create(arch, num_classes=10)
     size = models.model_info(arch).min_size
     variables = models.variable_shapes(model, size)
-    assert tuple(variables["params"]) == model.blocks
+    assert reference.creation_order(model, size) == tuple(model.blocks)
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     features = jax.eval_shape(functools.partial(model.apply, pre_logits=True), variables, x)
     assert features.shape == (2, 4096)

@@ -123,25 +123,12 @@ def test_googlenet_aux_heads_convert_and_match_torchvision_in_training(tmp_path)
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def creation_order(model, image_size: int) -> list[str]:
-    """Top-level parameter names in the order the forward pass creates them."""
-    order = []
-
-    def init(x):
-        variables = model.init(jax.random.key(0), x)
-        order.extend(variables["params"])
-        return variables
-
-    jax.eval_shape(init, jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-    return order
-
-
 @pytest.mark.parametrize("arch,aux_logits,size,features", [
     ("googlenet", True, 64, 1024), ("googlenet", False, 15, 1024),
     ("inception_v3", True, 75, 2048), ("inception_v3", False, 75, 2048)])
 def test_blocks_and_pre_logits(arch, aux_logits, size, features):
     model = models.create(arch, num_classes=10, aux_logits=aux_logits)
-    assert creation_order(model, size) == list(model.blocks)
+    assert reference.creation_order(model, size) == tuple(model.blocks)
     variables = models.variable_shapes(model, size)
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     pooled = jax.eval_shape(lambda v, x: model.apply(v, x, pre_logits=True), variables, x)

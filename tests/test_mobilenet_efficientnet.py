@@ -131,26 +131,12 @@ def test_state_dict_of_another_variant_does_not_fit(source, target, paths):
         assert path in str(err.value)
 
 
-def _parameter_names_in_creation_order(model, x):
-    """The top-level parameter names as the forward pass creates them (``variable_shapes``
-    returns them sorted, as JAX flattens dicts)."""
-    names = []
-
-    def init(x):
-        params = model.init(jax.random.key(0), x)["params"]
-        names.extend(params)
-        return params
-
-    jax.eval_shape(init, x)
-    return tuple(names)
-
-
 @pytest.mark.parametrize("arch", PARAM_COUNTS)
 def test_blocks_are_the_parameters_in_forward_order(arch):
     model = models.create(arch, num_classes=10)
     size = models.model_info(arch).min_size
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    assert _parameter_names_in_creation_order(model, x) == model.blocks
+    assert reference.creation_order(model, size) == tuple(model.blocks)
     variables = models.variable_shapes(model, size)
     features = jax.eval_shape(functools.partial(model.apply, pre_logits=True), variables, x)
     assert features.shape == (2, PRE_LOGITS[arch])

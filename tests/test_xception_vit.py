@@ -14,19 +14,6 @@ VIT_PARAMS = {"vit_ti16": 5_717_416, "vit_s16": 22_050_664, "vit_b16": 86_567_65
               "vit_b32": 88_224_232, "vit_l16": 304_326_632, "vit_l32": 306_535_400}
 
 
-def top_level_names(model, image_shape) -> list[str]:
-    """Parameter names in creation order, read while tracing (a jitted result sorts them)."""
-    names = []
-
-    def init(x):
-        variables = model.init(jax.random.key(0), x)
-        names.extend(variables["params"])
-        return variables
-
-    jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape, model.in_chans), jnp.float32))
-    return names
-
-
 def check_train_mode(model, variables, x):
     logits, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
                                   mutable=["batch_stats"])
@@ -50,7 +37,7 @@ def test_xception_param_count():
 
 def test_xception_blocks_and_forward(xception):
     model, variables = xception
-    assert top_level_names(model, (71, 71)) == list(model.blocks)
+    assert reference.creation_order(model, 71) == tuple(model.blocks)
     logits, state = model.apply(variables, reference.random_images(299),
                                 capture_intermediates=True)
     assert logits.shape == (2, 10)
@@ -92,7 +79,7 @@ def vit_ti():
 
 def test_vit_blocks_and_forward(vit_ti):
     model, variables, x = vit_ti
-    assert top_level_names(model, (16, 16)) == list(model.blocks)
+    assert reference.creation_order(model, 16) == tuple(model.blocks)
     assert model.blocks[1:3] == ("block00", "block01") and len(model.blocks) == 15
     assert variables["params"]["embed"]["pos_embedding"].shape == (1, 2 * 3 + 1, 192)
     assert model.apply(variables, x).shape == (2, 10)

@@ -1,0 +1,289 @@
+"""Side-by-side speed of transferlab and PyTorch eager on this machine, in one run:
+
+    python -m scripts.bench                      # the five models, batch 16, 224², fp32
+    python -m scripts.bench --quick              # a short run (small images, few steps)
+    python -m scripts.bench --models resnet18 --steps 20 --out runs/bench
+
+Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
+settings are its own, and the measurements run one at a time. Writes ``bench.json`` (one
+record per measurement: ``model``, ``what``, ``ours``, ``peer``, ``ratio``, …) and ``bench.md``.
+"""
+
+from scripts import common
+
+common.set_cpu_defaults()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_s16")
+PEERS = {"resnet18": ("torchvision", "resnet18"), "resnet50": ("torchvision", "resnet50"),
+         "mobilenet_v2": ("torchvision", "mobilenet_v2"),
+         "efficientnet_b0": ("torchvision", "efficientnet_b0"),
+         "vit_s16": ("timm", "vit_small_patch16_224")}
+TORCH_THREADS = 2
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.py"
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, steps: int, warmup: int = 2) -> float:
+    """Seconds per call of ``fn`` (which blocks until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+# --- ours --------------------------------------------------------------------------------
+
+def experiment(model: str, batch: int, size: int, freeze_depth: int = 0):
+    from research import config, train
+    cfg = config.load(str(CONFIG))
+    cfg.model.name = model
+    cfg.data.name = f"synthetic:{size}x{size}x3:1000"
+    cfg.data.mean, cfg.data.std = (127.5,), (127.5,)
+    cfg.train.batch_size = batch
+    cfg.freeze.depth = freeze_depth
+    cfg.mesh.data = 1
+    cfg.train.progress = False
+    return train.build(cfg)
+
+
+def ours_train(model: str, batch: int, size: int, steps: int, freeze_depth: int = 0) -> dict:
+    import jax
+    import numpy as np
+    from research import train
+    exp = experiment(model, batch, size, freeze_depth)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+    labels = np.arange(batch, dtype=np.int32) % 1000
+    x, y = train.global_batch(exp, images, labels)
+    start = time.perf_counter()
+    compiled = train.make_train_step(exp).lower(exp.state, x, y).compile()
+    compile_s = time.perf_counter() - start
+    flops = compiled.cost_analysis()
+    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", float("nan"))
+    state = [exp.state]
+
+    def step():
+        state[0], metrics = compiled(state[0], x, y)
+        jax.block_until_ready(metrics)
+    seconds = timed(step, steps)
+    return dict(img_s=batch / seconds, compile_s=compile_s, flops=float(flops), peak_mb=peak_mb(),
+                trainable_params=exp.trainable_params)
+
+
+def ours_inference(model: str, batch: int, size: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+    import models
+    net = models.create(model, num_classes=1000)
+    variables = models.init_variables(net, jax.random.key(0), size)
+    x = jax.numpy.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)),
+                          jax.numpy.float32)
+    forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
+    start = time.perf_counter()
+    compiled = forward.lower(variables, x).compile()
+    compile_s = time.perf_counter() - start
+    seconds = timed(lambda: jax.block_until_ready(compiled(variables, x)), steps)
+    return dict(img_s=batch / seconds, compile_s=compile_s, peak_mb=peak_mb())
+
+
+def ours_probe(model: str, batch: int, size: int, steps: int) -> dict:
+    """One linear-probe epoch of ``batch * steps`` examples on cached features, against one
+    that recomputes the frozen backbone every step."""
+    import numpy as np
+    from research import probe
+    probe_depth = len(experiment_blocks(model)) - 1
+    exp = experiment(model, batch, size, freeze_depth=probe_depth)
+    n = batch * steps
+    width = probe.extract_features(exp.model, exp.state.variables(), exp.preprocess_spec,
+                                   exp.test_split, batch)[0].shape[1]
+    features = np.random.default_rng(0).standard_normal((n, width)).astype(np.float32)
+    start = time.perf_counter()
+    probe.train_head(features, np.arange(n) % 1000, 1000, epochs=1, batch_size=batch, lr=0.1)
+    cached_s = time.perf_counter() - start
+    recompute = ours_train(model, batch, size, steps, probe_depth)
+    return dict(cached_epoch_s=cached_s, recompute_epoch_s=n / recompute["img_s"],
+                peak_mb=peak_mb())
+
+
+def experiment_blocks(model: str):
+    import models
+    return models.create(model, num_classes=1000).blocks
+
+
+def ours_pipeline(dataset: str, batch: int, steps: int) -> dict:
+    from research import config, data
+    cfg = config.load(str(CONFIG)).data
+    cfg.name = dataset
+    split, _ = data.load_splits(cfg, seed=0)
+    batches = data.train_batches(split, batch, seed=0)
+    seconds = timed(lambda: next(batches), steps, warmup=5)
+    return dict(img_s=batch / seconds, peak_mb=peak_mb())
+
+
+# --- PyTorch eager -------------------------------------------------------------------------
+
+def torch_model(model: str):
+    import torch
+    torch.set_num_threads(TORCH_THREADS)
+    library, name = PEERS[model]
+    if library == "timm":
+        import timm
+        net = timm.create_model(name, pretrained=False)
+    else:
+        import torchvision
+        net = getattr(torchvision.models, name)(weights=None)
+    return net.to(memory_format=torch.channels_last)
+
+
+def peer_train(model: str, batch: int, size: int, steps: int) -> dict:
+    import torch
+    net = torch_model(model).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
+    y = torch.arange(batch) % 1000
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    seconds = timed(step, steps)
+    return dict(img_s=batch / seconds, peak_mb=peak_mb())
+
+
+def peer_inference(model: str, batch: int, size: int, steps: int) -> dict:
+    import torch
+    net = torch_model(model).eval()
+    x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        seconds = timed(lambda: net(x), steps)
+    return dict(img_s=batch / seconds, peak_mb=peak_mb())
+
+
+MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_probe": ours_probe,
+            "ours_pipeline": ours_pipeline, "peer_train": peer_train,
+            "peer_inference": peer_inference}
+
+
+# --- driver ------------------------------------------------------------------------------
+
+def measure(name: str, **kwargs) -> dict:
+    """Run one measurement in a fresh subprocess and return its result."""
+    done = subprocess.run([sys.executable, "-m", "scripts.bench", "--one",
+                           json.dumps({"name": name, **kwargs})],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{name}{kwargs} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print) -> list[dict]:
+    records = []
+
+    def record(model, what, ours, peer=None, unit="img/s", **extra):
+        rec = dict(model=model, what=what, ours=ours, peer=peer, unit=unit,
+                   ratio=ours / peer if peer else None, **extra)
+        records.append(rec)
+        log(f"{model:>16} {what:<28} ours {ours:10.2f} {unit}"
+            + (f"  peer {peer:10.2f}  ratio {rec['ratio']:.2f}" if peer else ""))
+
+    for model in models:
+        for kind in ("train", "inference"):
+            ours = measure(f"ours_{kind}", model=model, batch=batch, size=size, steps=steps)
+            peer = measure(f"peer_{kind}", model=model, batch=batch, size=size, steps=steps)
+            record(model, f"{kind} step", ours["img_s"], peer["img_s"],
+                   compile_s=ours["compile_s"], peak_mb=ours["peak_mb"],
+                   peer_peak_mb=peer["peak_mb"])
+    for depth in range(len(experiment_blocks(freeze_model))):
+        ours = measure("ours_train", model=freeze_model, batch=batch, size=size, steps=steps,
+                       freeze_depth=depth)
+        record(freeze_model, f"train, freeze depth {depth}", ours["img_s"], flops=ours["flops"],
+               peak_mb=ours["peak_mb"], trainable_params=ours["trainable_params"])
+    probe = measure("ours_probe", model=models[0], batch=batch, size=size, steps=steps)
+    record(models[0], "probe epoch: cached vs recompute", probe["recompute_epoch_s"] /
+           probe["cached_epoch_s"], unit="× faster", cached_s=probe["cached_epoch_s"],
+           recompute_s=probe["recompute_epoch_s"])
+    consumed = records[0]["ours"]
+    for dataset in ("fashion_mnist", f"synthetic:{size}x{size}x3:1000"):
+        pipe = measure("ours_pipeline", dataset=dataset, batch=batch, steps=steps * 5)
+        record(dataset, "input pipeline", pipe["img_s"],
+               model_consumes=consumed, headroom=pipe["img_s"] / consumed)
+    return records
+
+
+def environment() -> dict:
+    import jax
+    env = dict(date=datetime.date.today().isoformat(), machine=platform.machine(),
+               processor=platform.processor() or platform.machine(), cores=os.cpu_count(),
+               python=platform.python_version(), jax=jax.__version__,
+               xla_flags=os.environ.get("XLA_FLAGS", ""), torch_threads=TORCH_THREADS)
+    try:
+        import torch
+        env["torch"] = torch.__version__
+    except ImportError:
+        env["torch"] = "absent"
+    return env
+
+
+def markdown(records: list[dict], env: dict, args) -> str:
+    lines = [f"# Benchmark: transferlab vs PyTorch eager ({env['date']})", "",
+             f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
+             f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
+             f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps; "
+             f"XLA_FLAGS `{env['xla_flags']}`.", "",
+             "| model | measurement | ours | PyTorch | ratio | notes |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in r.items()
+                          if k not in ("model", "what", "ours", "peer", "ratio", "unit"))
+        peer = "" if r["peer"] is None else f"{r['peer']:.2f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['model']} | {r['what']} | {r['ours']:.2f} {r['unit']} | {peer} | "
+                     f"{ratio} | {notes} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--freeze_model", default="resnet50")
+    parser.add_argument("--quick", action="store_true", help="resnet18 only, 32² images, 2 steps")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        spec = json.loads(args.one)
+        print(json.dumps(MEASURES[spec.pop("name")](**spec)))
+        return
+    if args.quick:
+        args.models, args.size, args.steps, args.freeze_model = "resnet18", 32, 2, "resnet18"
+    records = run(args.models.split(","), args.batch, args.size, args.steps, args.freeze_model)
+    env = environment()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"environment": env, "records": records}, indent=1))
+    (out / "bench.md").write_text(markdown(records, env, args))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_in_quick_mode(tmp_path):
+    pytest.importorskip("torch", reason="the benchmark's peer is PyTorch")
+    done = subprocess.run([sys.executable, "-m", "scripts.bench", "--quick", "--out", tmp_path],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    whats = {(r["model"], r["what"]) for r in records}
+    assert ("resnet18", "train step") in whats and ("resnet18", "inference step") in whats
+    train = next(r for r in records if r["what"] == "train step")
+    assert train["ours"] > 0 and train["peer"] > 0 and train["ratio"] == train["ours"] / train["peer"]
+    depths = [r for r in records if r["what"].startswith("train, freeze depth")]
+    assert len(depths) == 6 and depths[0]["flops"] > depths[-1]["flops"]
+    assert "| resnet18 | train step |" in (tmp_path / "bench.md").read_text()
