@@ -71,3 +71,16 @@ def test_truncated_safetensors_names_the_file(tmp_path):
 class Exploit:
     def __reduce__(self):
         return (print, ("this would run on load",))
+
+
+def test_preprocessing_follows_torchvisions_eval_transforms():
+    reference.torch_or_skip()
+    import torchvision.models as tvm
+    from research.convert import torchvision as tv
+    names = {"vit_b16": "vit_b_16", "vit_b32": "vit_b_32", "vit_l16": "vit_l_16",
+             "vit_l32": "vit_l_32"}
+    for arch in tv.supported():
+        transforms = list(tvm.get_model_weights(names.get(arch, arch)))[0].transforms()
+        spec = tv.preprocessing(arch)
+        assert (spec["input_size"], spec["resize"], spec["interpolation"]) == (
+            transforms.crop_size[0], transforms.resize_size[0], transforms.interpolation.value), arch

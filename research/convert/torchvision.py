@@ -63,10 +63,20 @@ def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
                               source=str(path))
 
 
+# torchvision's IMAGENET1K_V1 eval transforms where they differ from resize 256 → crop 224,
+# bilinear: (crop, resize, interpolation).
+_EVAL_TRANSFORMS = {
+    "inception_v3": (299, 342, "bilinear"), "vit_l16": (224, 242, "bilinear"),
+    "efficientnet_b0": (224, 256, "bicubic"), "efficientnet_b1": (240, 256, "bicubic"),
+    "efficientnet_b2": (288, 288, "bicubic"), "efficientnet_b3": (300, 320, "bicubic"),
+    "efficientnet_b4": (380, 384, "bicubic"), "efficientnet_b5": (456, 456, "bicubic"),
+    "efficientnet_b6": (528, 528, "bicubic"), "efficientnet_b7": (600, 600, "bicubic"),
+}
+
+
 def preprocessing(arch: str) -> dict:
     """How torchvision's weights expect their input (its ``IMAGENET1K_V1`` eval transforms)."""
-    info = models.model_info(arch)
-    resize = {"inception_v3": 342}.get(arch, round(info.input_size / 0.875))
-    return dict(input_size=info.input_size, resize=resize, crop_fraction=info.input_size / resize,
-                interpolation="bilinear", mean=[255 * m for m in IMAGENET_MEAN],
+    crop, resize, interpolation = _EVAL_TRANSFORMS.get(arch, (224, 256, "bilinear"))
+    return dict(input_size=crop, resize=resize, crop_fraction=crop / resize,
+                interpolation=interpolation, mean=[255 * m for m in IMAGENET_MEAN],
                 std=[255 * s for s in IMAGENET_STD], channel_order="RGB")
