@@ -9,10 +9,11 @@ with the first 0…3 blocks frozen.
     python -m scripts.ablate --config configs/quickstart.py:seeds=3 --workdir runs/qs3
     python -m scripts.ablate --config configs/quickstart.py:reduced=True --workdir /tmp/qs
 
-Writes results.csv and accuracy_vs_freeze_depth.png in the workdir. On 2 CPU cores it takes
-about 5 minutes; pretraining reaches about 0.90 test accuracy on classes 0–4, and on 5–9 from
-500 examples fine-tuning and the linear probe reach about 0.90, far above training from
-scratch (about 0.80). ``reduced=True`` is a one-minute version for tests.
+Writes results.csv and accuracy_vs_freeze_depth.png in the workdir. Measured on 2 CPU cores
+(shared with other work): 6 minutes; pretraining reaches 0.918 test accuracy on classes 0–4;
+on classes 5–9 from 500 examples, training from scratch reaches 0.909, the linear probe 0.832,
+and fine-tuning 0.921 / 0.927 / 0.923 / 0.892 with the first 0 / 1 / 2 / 3 blocks frozen.
+``reduced=True`` is a short version for tests.
 """
 
 import ml_collections

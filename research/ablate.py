@@ -162,6 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if points:
             ax.scatter([r["freeze_depth"] for r in points], [r["test_accuracy"] for r in points],
                        marker=style, s=60, label=regime.replace("_", " "), zorder=3)
+    ax.set_xticks(sorted({r["freeze_depth"] for r in rows}))
     ax.set_xlabel("freeze depth (blocks frozen)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
