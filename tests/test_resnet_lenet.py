@@ -35,6 +35,7 @@ def test_logits_match_torchvision(arch, sizes, tmp_path):
     torch.manual_seed(0)
     ref = getattr(torchvision.models, arch)(weights=None)
     reference.randomise_batchnorm(ref)
+    damp_residual_branches(ref)
     path = tmp_path / f"{arch}.pth"
     torch.save(ref.state_dict(), path)
     model, variables = tv.convert_file(path, arch)
@@ -42,6 +43,18 @@ def test_logits_match_torchvision(arch, sizes, tmp_path):
         x = reference.random_images(size)
         np.testing.assert_allclose(reference.flax_logits(model, variables, x),
                                    reference.torch_logits(ref, x), atol=1e-4, rtol=0)
+
+
+def damp_residual_branches(ref, factor: float = 0.3) -> None:
+    """Scale each block's last BN by ``factor``: with full-scale random branches the residual
+    stream of ResNet-101/152 grows until float32 itself (torch's too) is 2e-4 off float64."""
+    import torch
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    with torch.no_grad():
+        for block in ref.modules():
+            if isinstance(block, (BasicBlock, Bottleneck)):
+                last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+                last.weight.mul_(factor)
 
 
 def test_registry_lists_and_refuses_unknown_names():
