@@ -5,14 +5,8 @@ from scripts import common
 
 common.set_cpu_defaults()
 
-import argparse  # noqa: E402
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="configs/NAME.py[:key=value,…]")
-    parser.add_argument("--workdir", required=True)
-    args = parser.parse_args()
+    args = common.config_and_workdir_args(__doc__)
     common.start_distributed()
     from research import ablate, config
     ablate.run_ablation(config.load(args.config), args.workdir)

@@ -16,6 +16,15 @@ def set_cpu_defaults() -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
 
 
+def config_and_workdir_args(description: str):
+    """``--config configs/NAME.py[:k=v,…]`` and ``--workdir DIR`` from the command line."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:key=value,…]")
+    parser.add_argument("--workdir", required=True)
+    return parser.parse_args()
+
+
 def start_distributed() -> None:
     """Join a multi-host run when the launcher's environment says so (JAX_COORDINATOR_ADDRESS
     with JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a cluster JAX detects itself)."""
