@@ -5,6 +5,7 @@ from scripts import common
 
 common.set_cpu_defaults()
 
+
 def main():
     args = common.config_and_workdir_args(__doc__)
     common.start_distributed()
