@@ -19,6 +19,10 @@ torchvision's named tuples: ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
 ``InceptionOutputs(logits, aux_logits)``; otherwise (and with ``pre_logits``) it returns one array.
 ``transform_input`` maps ImageNet-normalised inputs to the [-1, 1] range the ported weights were
 trained on, as torchvision does whenever it loads its ImageNet weights.
+
+Keras's InceptionV3 is ``inception_v3`` with ``aux_logits=False`` and
+``count_include_pad=False``: its 3×3 average pools ("same" padding) do not count the padding.
+Its BatchNorms have no scale (γ): converted, they get γ = 1.
 """
 
 from __future__ import annotations
@@ -188,10 +192,16 @@ class GoogLeNet(nn.Module):
 
 # ----------------------------------------------------------------------------- Inception v3
 
+def pool_3x3(module: nn.Module, x):
+    """The 3×3 stride-1 average pool of a branch_pool, padded by 1."""
+    return layers.avg_pool(x, 3, 1, padding=1, count_include_pad=module.count_include_pad)
+
+
 class InceptionA(nn.Module):
     """35×35 module: 1×1; 1×1 → 5×5; 1×1 → 3×3 → 3×3; 3×3 average pool → 1×1."""
 
     pool_features: int
+    count_include_pad: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -203,8 +213,7 @@ class InceptionA(nn.Module):
         branch3x3dbl = conv(64, 1, name="branch3x3dbl_1")(x, train)
         branch3x3dbl = conv(96, 3, name="branch3x3dbl_2")(branch3x3dbl, train)
         branch3x3dbl = conv(96, 3, name="branch3x3dbl_3")(branch3x3dbl, train)
-        branch_pool = conv(self.pool_features, 1, name="branch_pool")(
-            layers.avg_pool(x, 3, 1, padding=1), train)
+        branch_pool = conv(self.pool_features, 1, name="branch_pool")(pool_3x3(self, x), train)
         return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -227,6 +236,7 @@ class InceptionC(nn.Module):
     """17×17 module with factorised 7×7 convolutions (1×7 and 7×1)."""
 
     channels_7x7: int
+    count_include_pad: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -241,7 +251,7 @@ class InceptionC(nn.Module):
         for i, (features, kernel) in enumerate([(c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)),
                                                 (192, (1, 7))], start=2):
             branch7x7dbl = conv(features, kernel, name=f"branch7x7dbl_{i}")(branch7x7dbl, train)
-        branch_pool = conv(192, 1, name="branch_pool")(layers.avg_pool(x, 3, 1, padding=1), train)
+        branch_pool = conv(192, 1, name="branch_pool")(pool_3x3(self, x), train)
         return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
 
 
@@ -265,6 +275,7 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
     """8×8 module whose 3×3 branches fan out into parallel 1×3 and 3×1 convolutions."""
 
+    count_include_pad: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -278,7 +289,7 @@ class InceptionE(nn.Module):
         branch3x3dbl = conv(384, 3, name="branch3x3dbl_2")(branch3x3dbl, train)
         branch3x3dbl = [conv(384, (1, 3), name="branch3x3dbl_3a")(branch3x3dbl, train),
                         conv(384, (3, 1), name="branch3x3dbl_3b")(branch3x3dbl, train)]
-        branch_pool = conv(192, 1, name="branch_pool")(layers.avg_pool(x, 3, 1, padding=1), train)
+        branch_pool = conv(192, 1, name="branch_pool")(pool_3x3(self, x), train)
         return jnp.concatenate([branch1x1, *branch3x3, *branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -322,6 +333,7 @@ class InceptionV3Stem(nn.Module):
 class InceptionV3(nn.Module):
     aux_logits: bool = True
     transform_input: bool = False
+    count_include_pad: bool = True  # in the 3×3 average pools: torchvision's True, Keras's False
     num_classes: int = 1000
     in_chans: int = 3
     dropout: float = 0.5
@@ -338,16 +350,17 @@ class InceptionV3(nn.Module):
         if self.transform_input:
             x = imagenet_to_unit_range(x)
         x = InceptionV3Stem(self.dtype, name="stem")(x, train)
+        pad = self.count_include_pad
         for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
-            x = InceptionA(pool_features, self.dtype, name=name)(x, train)
+            x = InceptionA(pool_features, pad, self.dtype, name=name)(x, train)
         x = InceptionB(self.dtype, name="Mixed_6a")(x, train)
         for name, channels_7x7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
                                    ("Mixed_6e", 192)):
-            x = InceptionC(channels_7x7, self.dtype, name=name)(x, train)
+            x = InceptionC(channels_7x7, pad, self.dtype, name=name)(x, train)
         aux = self._aux(x, train)
         x = InceptionD(self.dtype, name="Mixed_7a")(x, train)
-        x = InceptionE(self.dtype, name="Mixed_7b")(x, train)
-        x = InceptionE(self.dtype, name="Mixed_7c")(x, train)
+        x = InceptionE(pad, self.dtype, name="Mixed_7b")(x, train)
+        x = InceptionE(pad, self.dtype, name="Mixed_7c")(x, train)
         logits = classify(self, x, train, pre_logits)
         if self.aux_logits and train and not pre_logits:
             return InceptionOutputs(logits, aux)

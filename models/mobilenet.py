@@ -9,7 +9,9 @@ Parameter paths: ``block3/expand/conv/kernel``, ``block3/depthwise/bn/scale``,
 ``block3/pointwise/bn/scale``.
 
 ``padding``, ``bn_eps`` and ``bn_momentum`` are fields for Keras's variants (TensorFlow's "same"
-padding, BatchNorm epsilon 1e-3); V1 defaults to Keras's.
+padding, BatchNorm epsilon 1e-3); V1 defaults to Keras's. Keras's V3 also needs
+``keras_widths`` (its channel rounding when α ≠ 1) and offers ``minimalistic`` (3×3 kernels,
+ReLU, no squeeze-excite).
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ class MobileNetV3(nn.Module):
     setting: Sequence[tuple] = V3_LARGE
     pre_head_features: int = 1280  # before width scaling
     width_mult: float = 1.0
+    # Keras scales a block's expansion ratio times its actual input width, keeps the 16-channel
+    # stem and narrows nothing but the blocks (pre_head only widens, for α > 1).
+    keras_widths: bool = False
+    minimalistic: bool = False  # Keras's: 3×3 depthwise kernels, ReLU only, no squeeze-excite
     padding: str = "torch"
     bn_eps: float = TF_BN_EPS
     bn_momentum: float = TF_BN_MOMENTUM
@@ -181,24 +187,36 @@ class MobileNetV3(nn.Module):
         return ("stem", *(f"block{i + 1}" for i in range(len(self.setting))), "features_last",
                 "pre_head", "head")
 
+    @property
+    def act(self) -> layers.Activation:
+        """The activation of the stem, the final conv and the pre-head."""
+        return nn.relu if self.minimalistic else layers.hard_swish
+
     def block_specs(self) -> list[BlockSpec]:
         width = functools.partial(_scaled, multiplier=self.width_mult)
-        specs, in_features = [], width(16)
+        specs, unscaled_in = [], 16
+        in_features = 16 if self.keras_widths else width(16)
         for kernel, expanded, out, se, act, stride in self.setting:
-            se_channels = layers.make_divisible(width(expanded) // 4) if se else 0
-            specs.append(BlockSpec(in_features, width(out), width(expanded), kernel, stride, act,
+            if self.keras_widths:
+                expanded = layers.make_divisible(in_features * expanded / unscaled_in)
+            else:
+                expanded = width(expanded)
+            if self.minimalistic:
+                kernel, se, act = 3, False, nn.relu
+            se_channels = layers.make_divisible(expanded // 4) if se else 0
+            specs.append(BlockSpec(in_features, width(out), expanded, kernel, stride, act,
                                    se_channels, se_gate=layers.hard_sigmoid))
-            in_features = width(out)
+            in_features, unscaled_in = width(out), out
         return specs
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
         specs = self.block_specs()
-        x = inverted_residual_features(self, x, specs, layers.hard_swish, 6 * specs[-1].features,
-                                       train)
-        x = nn.Dense(_scaled(self.pre_head_features, self.width_mult), dtype=self.dtype,
+        x = inverted_residual_features(self, x, specs, self.act, 6 * specs[-1].features, train)
+        multiplier = max(1.0, self.width_mult) if self.keras_widths else self.width_mult
+        x = nn.Dense(_scaled(self.pre_head_features, multiplier), dtype=self.dtype,
                      name="pre_head")(layers.global_avg_pool(x))
-        return classify(self, layers.hard_swish(x), train, pre_logits)
+        return classify(self, self.act(x), train, pre_logits)
 
 
 # Output channels and stride of Keras's 13 depthwise-separable blocks.

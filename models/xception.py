@@ -5,7 +5,10 @@ middle flow ``block5`` … ``block12``, exit flow ``block13`` and ``block14``, t
 Parameter paths mirror Keras's layer names: ``block2_sepconv1_bn`` → ``block2/sepconv1_bn``,
 ``block2/sepconv1/depthwise/kernel``, ``block2/sepconv1/pointwise/kernel``; Keras leaves the
 strided 1×1 shortcut unnamed, here it is ``block2/residual`` and ``block2/residual_bn``.
-BatchNorm uses Keras's defaults (epsilon 1e-3, momentum 0.99).
+BatchNorm uses Keras's defaults (epsilon 1e-3, momentum 0.99). timm's ``legacy_xception`` (a
+port of Keras's weights) needs ``padding="torch"`` (its strided max-pools pad 1 on each side,
+as PyTorch's ``MaxPool2d(3, 2, 1)``, where Keras pads "same") and PyTorch's BatchNorm
+(``bn_eps=1e-5``, ``bn_momentum=0.9``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ RESIDUAL_BLOCKS = (
 FINAL_WIDTHS = (1536, 2048)
 
 
-def keras_bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return layers.BatchNorm(train, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM, dtype=dtype,
-                            name=name)
+def bn(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:
+    return layers.BatchNorm(train, eps=module.bn_eps, momentum=module.bn_momentum,
+                            dtype=module.dtype, name=name)
 
 
 class SeparableConv(nn.Module):
@@ -52,6 +55,8 @@ class SeparableConv(nn.Module):
 class EntryConvs(nn.Module):
     """``block1``: 3×3/2 conv (32) and 3×3 conv (64), both "valid", each with BN and ReLU."""
 
+    bn_eps: float = KERAS_BN_EPS
+    bn_momentum: float = KERAS_BN_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -59,7 +64,7 @@ class EntryConvs(nn.Module):
         for i, (features, strides) in enumerate(((32, 2), (64, 1)), 1):
             x = layers.Conv(features, 3, strides, padding="valid", dtype=self.dtype,
                             name=f"conv{i}")(x)
-            x = nn.relu(keras_bn(train, self.dtype, f"conv{i}_bn")(x))
+            x = nn.relu(bn(self, train, f"conv{i}_bn")(x))
         return x
 
 
@@ -70,6 +75,9 @@ class ResidualBlock(nn.Module):
     widths: Sequence[int]
     downsample: bool
     relu_first: bool = True  # block2 follows block1's ReLU, so it starts with the conv
+    padding: str = "same"
+    bn_eps: float = KERAS_BN_EPS
+    bn_momentum: float = KERAS_BN_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -79,30 +87,38 @@ class ResidualBlock(nn.Module):
             if i > 1 or self.relu_first:
                 y = nn.relu(y)
             y = SeparableConv(features, self.dtype, name=f"sepconv{i}")(y)
-            y = keras_bn(train, self.dtype, f"sepconv{i}_bn")(y)
+            y = bn(self, train, f"sepconv{i}_bn")(y)
         if not self.downsample:
             return x + y
-        y = nn.max_pool(y, (3, 3), (2, 2), padding="SAME")
+        if self.padding == "same":
+            y = nn.max_pool(y, (3, 3), (2, 2), padding="SAME")
+        else:
+            y = layers.max_pool(y, 3, 2, padding=1)
         shortcut = layers.Conv(self.widths[-1], 1, 2, padding="same", dtype=self.dtype,
                                name="residual")(x)
-        return y + keras_bn(train, self.dtype, "residual_bn")(shortcut)
+        return y + bn(self, train, "residual_bn")(shortcut)
 
 
 class ExitConvs(nn.Module):
     """``block14``: (separable conv → BN → ReLU) twice, no shortcut."""
 
     widths: Sequence[int] = FINAL_WIDTHS
+    bn_eps: float = KERAS_BN_EPS
+    bn_momentum: float = KERAS_BN_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, features in enumerate(self.widths, 1):
             x = SeparableConv(features, self.dtype, name=f"sepconv{i}")(x)
-            x = nn.relu(keras_bn(train, self.dtype, f"sepconv{i}_bn")(x))
+            x = nn.relu(bn(self, train, f"sepconv{i}_bn")(x))
         return x
 
 
 class Xception(nn.Module):
+    padding: str = "same"  # "torch": strided max-pools pad 1 on each side
+    bn_eps: float = KERAS_BN_EPS
+    bn_momentum: float = KERAS_BN_MOMENTUM
     num_classes: int = 1000
     in_chans: int = 3
     dropout: float = 0.0
@@ -111,12 +127,13 @@ class Xception(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
-        x = EntryConvs(self.dtype, name="block1")(x, train)
+        bn_options = dict(bn_eps=self.bn_eps, bn_momentum=self.bn_momentum, dtype=self.dtype)
+        x = EntryConvs(**bn_options, name="block1")(x, train)
         for index, (widths, downsample) in enumerate(RESIDUAL_BLOCKS, 2):
-            block = ResidualBlock(widths, downsample, relu_first=index > 2, dtype=self.dtype,
-                                  name=f"block{index}")
+            block = ResidualBlock(widths, downsample, relu_first=index > 2,
+                                  padding=self.padding, **bn_options, name=f"block{index}")
             x = block(x, train)
-        x = ExitConvs(dtype=self.dtype, name=f"block{len(RESIDUAL_BLOCKS) + 2}")(x, train)
+        x = ExitConvs(**bn_options, name=f"block{len(RESIDUAL_BLOCKS) + 2}")(x, train)
         x = layers.global_avg_pool(x)
         if pre_logits:
             return x

@@ -1,9 +1,12 @@
 """Converters from reference implementations' weights to transferlab checkpoints.
 
 Each source is a module ``research/convert/<source>.py`` with ``convert_file(path, arch, *,
-num_classes) -> (model, variables)``, ``options(arch)`` (the model options its weights imply),
-``preprocessing(arch)`` (keyword arguments of ``research.preprocess.make_spec``: how its
-weights expect their input) and ``supported()`` (the registry names it converts).
+num_classes) -> (model, variables)``, ``options(arch, path=None)`` (the model options its
+weights imply), ``preprocessing(arch, path=None)`` (keyword arguments of
+``research.preprocess.make_spec``: how its weights expect their input), ``supported()`` (the
+names it converts) and, where those are not all registry names, ``registry_name(arch)``. Given
+the weights file, ``options`` and ``preprocessing`` read what varies between files of one
+architecture (Keras's MobileNet α and EfficientNet normalisation, a ViT's image size).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def convert(source: str, arch: str, input_path: str | Path, *, num_classes: int 
     """``(model, variables, meta)`` from the weights file of ``source``'s ``arch``."""
     converter = source_module(source)
     model, variables = converter.convert_file(input_path, arch, num_classes=num_classes)
-    meta = dict(model=pretrained.model_meta(arch, model, converter.options(arch)),
-                preprocess=preprocess.make_spec(**converter.preprocessing(arch)),
+    name = converter.registry_name(arch) if hasattr(converter, "registry_name") else arch
+    meta = dict(model=pretrained.model_meta(name, model, converter.options(arch, input_path)),
+                preprocess=preprocess.make_spec(**converter.preprocessing(arch, input_path)),
                 source=dict(library=source, arch=arch, file=str(input_path)),
                 num_classes=num_classes)
     return model, variables, meta

@@ -80,8 +80,8 @@ def supported() -> list[str]:
     return sorted({*flavours, *(flavour.arch for _, flavour in flavours.values())})
 
 
-def options(arch: str) -> dict:
-    """Model options that timm's weights for ``arch`` imply."""
+def options(arch: str, path: str | Path | None = None) -> dict:
+    """Model options that timm's weights for ``arch`` imply (the same for every file)."""
     return dict(_resolve(arch)[2].options)
 
 
@@ -103,7 +103,7 @@ def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
                               source=str(path))
 
 
-def preprocessing(arch: str) -> dict:
+def preprocessing(arch: str, path: str | Path | None = None) -> dict:
     """How timm's weights for ``arch`` expect their input: its ``pretrained_cfg``'s eval
     transforms (resize the short side to ``input_size / crop_pct``, centre crop)."""
     flavour = _resolve(arch)[2]

@@ -10,8 +10,8 @@ through the stages) or ``stage<i+1>/block<j>`` (EfficientNets), ``conv_head`` / 
 (a 1×1 ``ConvBnAct``) → ``features_last`` and its ``conv_head``, a 1×1 conv with bias on the
 pooled features, → the ``pre_head`` Dense.
 
-timm's own weights use PyTorch's BatchNorm epsilon and symmetric padding; its ``tf_`` ports of
-Google's EfficientNets TensorFlow's "same" padding and epsilon 1e-3.
+timm's own weights need PyTorch's BatchNorm epsilon and symmetric padding; its ``tf_`` ports of
+Google's EfficientNets need TensorFlow's "same" padding and epsilon 1e-3.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import itertools
 
 import models
 from models import layers
-from models.mobilenet import TF_BN_EPS, TF_BN_MOMENTUM
+from models.mobilenet import TF_BN_EPS, TF_BN_MOMENTUM, BlockSpec
 from research.convert.timm import INCEPTION_MEAN, INCEPTION_STD, Flavour, dense_from_conv
 
 TORCH_BN = dict(padding="torch", bn_eps=layers.TORCH_BN_EPS, bn_momentum=layers.TORCH_BN_MOMENTUM)
@@ -70,28 +70,32 @@ _COMMON_RULES = (
 
 
 def rules(name: str):
-    flavour = FLAVOURS[name]
-    model = models.create(flavour.arch, num_classes=1000)
-    if flavour.arch.startswith("efficientnet"):
-        stages = [[(f"stage{i}.block{j}", spec) for j, spec in enumerate(specs)]
-                  for i, specs in enumerate(model.stage_specs(), start=1)]
-    else:  # timm groups the blocks into stages of one width
-        numbered = enumerate(model.block_specs(), start=1)
-        stages = [[(f"block{k}", spec) for k, spec in group]
-                  for _, group in itertools.groupby(numbered, key=lambda item: item[1].features)]
-    out = []
+    arch = FLAVOURS[name].arch
+    stages, out = _stages(arch), []
     for i, blocks in enumerate(stages):
         for j, (target, spec) in enumerate(blocks):
             names = _INVERTED_RESIDUAL if spec.has_expand else _DEPTHWISE_SEPARABLE
             out += [(rf"^blocks\.{i}\.{j}\.{theirs}\.", f"{target}.{ours}.")
                     for theirs, ours in names.items()]
-    if flavour.arch.startswith("mobilenet_v3"):
+    if arch.startswith("mobilenet_v3"):
         out += [(rf"^blocks\.{len(stages)}\.0\.conv\.", "features_last.conv."),
                 (rf"^blocks\.{len(stages)}\.0\.bn1\.", "features_last.bn."),
                 (r"^conv_head\.", "pre_head.")]
     else:
         out += [(r"^conv_head\.", "features_last.conv."), (r"^bn2\.", "features_last.bn.")]
     return (*out, *_COMMON_RULES)
+
+
+def _stages(arch: str) -> list[list[tuple[str, BlockSpec]]]:
+    """Our blocks (path and spec) grouped as timm's stages ``blocks.<i>``: EfficientNet's
+    stages, or the MobileNets' runs of blocks of one width."""
+    model = models.create(arch, num_classes=1000)
+    if arch.startswith("efficientnet"):
+        return [[(f"stage{i}.block{j}", spec) for j, spec in enumerate(specs)]
+                for i, specs in enumerate(model.stage_specs(), start=1)]
+    numbered = enumerate(model.block_specs(), start=1)
+    return [[(f"block{k}", spec) for k, spec in group]
+            for _, group in itertools.groupby(numbered, key=lambda item: item[1].features)]
 
 
 special = dense_from_conv("pre_head")

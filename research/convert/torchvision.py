@@ -41,8 +41,8 @@ def supported() -> list[str]:
     return [arch for module in _families() for arch in module.ARCHS]
 
 
-def options(arch: str) -> dict:
-    """Model options that torchvision's weights for ``arch`` imply."""
+def options(arch: str, path: str | Path | None = None) -> dict:
+    """Model options that torchvision's weights for ``arch`` imply (the same for every file)."""
     return dict(getattr(family_of(arch), "OPTIONS", {}).get(arch, {}))
 
 
@@ -74,7 +74,7 @@ _EVAL_TRANSFORMS = {
 }
 
 
-def preprocessing(arch: str) -> dict:
+def preprocessing(arch: str, path: str | Path | None = None) -> dict:
     """How torchvision's weights expect their input (its ``IMAGENET1K_V1`` eval transforms)."""
     crop, resize, interpolation = _EVAL_TRANSFORMS.get(arch, (224, 256, "bilinear"))
     return dict(input_size=crop, resize=resize, crop_fraction=crop / resize,
