@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import ops
+
 Dtype = Any
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -50,7 +52,8 @@ def Conv(features: int, kernel_size=3, strides=1, *, groups: int = 1, dilation=1
     pad = conv_padding(kernel_size, dilation, padding) if isinstance(padding, str) else padding
     return nn.Conv(features, pair(kernel_size), pair(strides), padding=pad,
                    feature_group_count=groups, kernel_dilation=pair(dilation),
-                   use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+                   use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name,
+                   conv_general_dilated=ops.conv_general_dilated)
 
 
 def BatchNorm(train: bool, *, eps: float = TORCH_BN_EPS, momentum: float = TORCH_BN_MOMENTUM,
@@ -89,7 +92,7 @@ class ConvBN(nn.Module):
 def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False):
     """PyTorch's ``MaxPool2d`` (padding with -inf, optional ``ceil_mode``)."""
     pads = [_pool_padding(size, window, stride, padding, ceil_mode) for size in x.shape[1:3]]
-    return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+    return ops.max_pool(x, (window, window), (stride, stride), pads)
 
 
 def avg_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False,

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, ops
 from models.registry import register
 
 KERAS_BN_EPS = 1e-3
@@ -91,7 +91,7 @@ class ResidualBlock(nn.Module):
         if not self.downsample:
             return x + y
         if self.padding == "same":
-            y = nn.max_pool(y, (3, 3), (2, 2), padding="SAME")
+            y = ops.max_pool(y, (3, 3), (2, 2), "SAME")
         else:
             y = layers.max_pool(y, 3, 2, padding=1)
         shortcut = layers.Conv(self.widths[-1], 1, 2, padding="same", dtype=self.dtype,
