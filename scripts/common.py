@@ -5,15 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-# XLA:CPU's YNNPACK fusion of individual convolutions is slower than its default convolution
-# path for the networks here (about 2× on ResNets, see bench.md); applied on the CPU only, and a
-# user's own XLA_FLAGS win.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-
-
-def set_cpu_defaults() -> None:
-    if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
+from models.ops import set_cpu_defaults  # noqa: F401  (the scripts call it before JAX starts)
 
 
 def config_and_workdir_args(description: str):
