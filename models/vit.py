@@ -18,6 +18,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models import layers
@@ -89,6 +90,20 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
+def attention(query, key, value, mask=None, *, dropout_rng=None, dropout_rate=0.0,
+              broadcast_dropout=True, deterministic=True, dtype=None, precision=None):
+    """Flax's ``nn.dot_product_attention``, through ``jax.nn.dot_product_attention`` when no
+    mask or dropout applies: XLA's CPU backend fuses Flax's formulation (both products and the
+    softmax) into one kernel that runs ViT-S/16's forward pass 1.3× slower."""
+    if mask is None and (deterministic or dropout_rate == 0.0):
+        return jax.nn.dot_product_attention(query, key, value)
+    return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
+                                    dropout_rate=dropout_rate,
+                                    broadcast_dropout=broadcast_dropout,
+                                    deterministic=deterministic, dtype=dtype,
+                                    precision=precision)
+
+
 class EncoderBlock(nn.Module):
     """x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))."""
 
@@ -105,7 +120,7 @@ class EncoderBlock(nn.Module):
         y = nn.MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, kernel_init=xavier_init,
             dropout_rate=self.attention_dropout, broadcast_dropout=False,
-            deterministic=not train, name="attn")(y)
+            deterministic=not train, attention_fn=attention, name="attn")(y)
         x = x + nn.Dropout(self.encoder_dropout, deterministic=not train)(y)
         y = norm(name="ln2")(x)
         return x + Mlp(self.mlp_dim, self.encoder_dropout, self.dtype, name="mlp")(y, train)
