@@ -249,6 +249,13 @@ def environment() -> dict:
     return env
 
 
+def number(value) -> str:
+    """3 significant digits, without exponents below a million."""
+    if not isinstance(value, float) or abs(value) >= 1e6:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def markdown(records: list[dict], env: dict, args) -> str:
     lines = [f"# Benchmark: transferlab vs PyTorch eager ({env['date']})", "",
              f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
@@ -258,8 +265,7 @@ def markdown(records: list[dict], env: dict, args) -> str:
              "| model | measurement | ours | PyTorch | ratio | notes |",
              "|---|---|---|---|---|---|"]
     for r in records:
-        notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in r.items()
+        notes = ", ".join(f"{k} {number(v)}" for k, v in r.items()
                           if k not in ("model", "what", "ours", "peer", "ratio", "unit"))
         peer = "" if r["peer"] is None else f"{r['peer']:.2f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"

@@ -2,6 +2,8 @@
 
     python -m scripts.convert --source torchvision --arch resnet50 --input resnet50.pth \\
         --output runs/resnet50_tv [--num_classes 1000]
+    python -m scripts.convert --source keras --arch mobilenet_v2 --input mobilenet_v2.h5 \\
+        --output runs/mnv2_keras
 
 The output directory works as ``init.checkpoint`` and with ``research.pretrained.load``; the
 weights' preprocessing (input size, mean, std, resize and crop) is stored in its meta.
@@ -19,8 +21,11 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
                         choices=["torchvision", "timm", "keras", "vit_npz"])
-    parser.add_argument("--arch", required=True, help="registry name, e.g. resnet50")
-    parser.add_argument("--input", required=True, help=".pth (tensors only) or .safetensors")
+    parser.add_argument("--arch", required=True,
+                        help="registry name, e.g. resnet50 (timm: also its model names)")
+    parser.add_argument("--input", required=True,
+                        help="torchvision/timm: .pth (tensors only) or .safetensors; keras: .h5 "
+                             "or .weights.h5; vit_npz: .npz")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--num_classes", type=int, default=1000)
     args = parser.parse_args()

@@ -7,6 +7,7 @@ import pytest
 
 import models
 from research import tree
+from research.convert.torchvision import IMAGENET_MEAN, IMAGENET_STD
 
 
 def torch_or_skip():
@@ -38,6 +39,35 @@ def randomise_batchnorm(torch_model, image_size: int = 64, seed: int = 0) -> Non
         for _ in range(2):
             torch_model(torch.randn(8, channels, image_size, image_size, generator=gen))
         torch_model.eval()
+
+
+def randomise_constants(torch_model, seed: int = 0) -> None:
+    """torchvision and timm start a ViT's LayerNorms at identity, its biases and class token
+    near zero and (torchvision) its head at zero: random values instead, so that every
+    tensor's conversion shows in the logits."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in torch_model.named_parameters():
+            if name.endswith("bias") or name in ("class_token", "cls_token"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif param.ndim == 1:
+                param.copy_(torch.rand(param.shape, generator=gen) * 0.5 + 0.5)
+            elif name.startswith("heads."):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def assert_checkpoint_matches(loaded, torch_model, normalise, size: int = 224) -> None:
+    """``loaded.preprocess`` then ``loaded.model`` equal ``torch_model`` on the same raw images
+    (RGB in [0, 255]) normalised by ``normalise``, the source's own preprocessing."""
+    raw = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    expected = torch_logits(torch_model, normalise(raw).astype(np.float32))
+    got = loaded.model.apply(loaded.variables, loaded.preprocess(raw), train=False)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def imagenet_normalise(raw: np.ndarray) -> np.ndarray:
+    return (raw - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)
 
 
 def _input_channels(torch_model) -> int:

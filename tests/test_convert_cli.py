@@ -28,12 +28,7 @@ def test_convert_writes_a_loadable_checkpoint_with_preprocessing(tmp_path):
     loaded = pretrained.load(tmp_path / "out")
     assert loaded.meta["preprocess"]["input_size"] == 224
     assert loaded.meta["preprocess"]["resize"] == 256
-    raw = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
-    mean = np.array([0.485, 0.456, 0.406]) * 255
-    std = np.array([0.229, 0.224, 0.225]) * 255
-    expected = reference.torch_logits(ref, ((raw - mean) / std).astype(np.float32))
-    got = loaded.model.apply(loaded.variables, loaded.preprocess(raw), train=False)
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+    reference.assert_checkpoint_matches(loaded, ref, reference.imagenet_normalise)
 
 
 def test_pickle_that_would_run_code_is_refused(tmp_path):

@@ -44,19 +44,6 @@ def _cases():
     return cases
 
 
-def randomise_vit(ref, seed: int = 0) -> None:
-    """timm starts LayerNorms at identity and biases and the class token near zero: random
-    values instead, so that every tensor's conversion shows in the logits."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            if name.endswith("bias") or name == "cls_token":
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif param.ndim == 1:
-                param.copy_(torch.rand(param.shape, generator=gen) * 0.5 + 0.5)
-
-
 def timm_model(name: str, **kwargs):
     """timm's ``name`` with 1000 classes (its default for vit_large_patch32_224 is headless)."""
     torch = reference.torch_or_skip()
@@ -76,7 +63,7 @@ def timm_reference(name: str):
     import torch
     ref = timm_model(name)
     if name.startswith("vit"):
-        randomise_vit(ref)
+        reference.randomise_constants(ref)
     else:
         size = timm_convert.preprocessing(name)["input_size"]
         reference.randomise_batchnorm(ref, image_size=size)
@@ -194,9 +181,4 @@ def test_convert_script_stores_options_and_preprocessing(tmp_path):
     assert loaded.meta["source"]["arch"] == "mobilenetv3_small_100"
     assert loaded.model.bn_eps == 1e-5  # timm's, where torchvision's MobileNetV3 has 1e-3
     assert loaded.meta["preprocess"]["interpolation"] == "bicubic"
-    raw = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
-    mean = np.array([0.485, 0.456, 0.406]) * 255
-    std = np.array([0.229, 0.224, 0.225]) * 255
-    expected = reference.torch_logits(ref, ((raw - mean) / std).astype(np.float32))
-    got = loaded.model.apply(loaded.variables, loaded.preprocess(raw), train=False)
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+    reference.assert_checkpoint_matches(loaded, ref, reference.imagenet_normalise)

@@ -93,21 +93,6 @@ def test_vit_train_mode(vit_ti):
     check_train_mode(model, variables, x)
 
 
-def randomise_constants(torch_model, seed: int = 0) -> None:
-    """torchvision starts LayerNorms at identity, biases and the class token near zero and the
-    head at zero: random values instead, so that every tensor's conversion shows in the logits."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in torch_model.named_parameters():
-            if name.endswith("bias") or name == "class_token":
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif param.ndim == 1:
-                param.copy_(torch.rand(param.shape, generator=gen) * 0.5 + 0.5)
-            elif name.startswith("heads."):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-
-
 def convert(path, arch: str, image_size: int):
     """``convert_file`` fits the registered input size (224); the position embedding of a
     reference built for another size needs the shapes of that size."""
@@ -134,7 +119,7 @@ def test_vit_logits_match_torchvision(arch, size, tmp_path):
     torch.manual_seed(0)
     ref = getattr(torchvision.models, models.model_info(arch).torchvision)(weights=None,
                                                                            image_size=size)
-    randomise_constants(ref)  # no BatchNorm to randomise
+    reference.randomise_constants(ref)  # no BatchNorm to randomise
     path = tmp_path / f"{arch}.pth"
     torch.save(ref.state_dict(), path)
     model, variables = convert(path, arch, size)

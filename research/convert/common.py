@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import re
 import zipfile
@@ -129,3 +130,19 @@ def fit_to(shapes: Mapping[str, tuple], converted: Mapping[str, np.ndarray], sou
             f"{source} does not fit {target}: is it a state dict of another architecture or "
             f"variant?\n" + mismatch_report(missing, unexpected, misshaped))
     return tree.unflatten({p: np.asarray(converted[p], np.float32) for p in shapes})
+
+
+def family_modules(source: str, families: Iterable[str]) -> list:
+    """The modules ``research/convert/<source>_<family>.py``, each with its ``ARCHS``."""
+    return [importlib.import_module(f"research.convert.{source}_{f}") for f in families]
+
+
+def family_of(source: str, families: Iterable[str], arch: str):
+    """The family module of ``source`` that converts ``arch``."""
+    modules = family_modules(source, families)
+    for module in modules:
+        if arch in module.ARCHS:
+            return module
+    supported = sorted(name for module in modules for name in module.ARCHS)
+    raise CheckpointError(f"no {source} converter for {arch!r}; converters exist for "
+                          f"{supported}")

@@ -23,7 +23,6 @@ shapes (MobileNet's α) and ``preprocessing(weights)`` for normalisation layers 
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 
@@ -68,20 +67,13 @@ _KERAS3_VARIABLES = {
 _AUTO_NAME = re.compile(r"^(conv2d|batch_normalization)(?:_(\d+))?$")
 
 
-def _families():
-    return [importlib.import_module(f"research.convert.keras_{f}") for f in FAMILIES]
-
-
 def family_of(arch: str):
-    for module in _families():
-        if arch in module.ARCHS:
-            return module
-    raise CheckpointError(f"no Keras converter for {arch!r}; converters exist for "
-                          f"{sorted(supported())}")
+    return common.family_of("keras", FAMILIES, arch)
 
 
 def supported() -> list[str]:
-    return [arch for module in _families() for arch in module.ARCHS]
+    modules = common.family_modules("keras", FAMILIES)
+    return [arch for module in modules for arch in module.ARCHS]
 
 
 # ----------------------------------------------------------------------------- reading

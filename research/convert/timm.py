@@ -13,7 +13,6 @@ to our module paths, "." separated) and optionally ``special(renamed_key, value)
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from pathlib import Path
 
@@ -44,12 +43,8 @@ class Flavour:
     std: tuple = IMAGENET_STD
 
 
-def _families():
-    return [importlib.import_module(f"research.convert.timm_{f}") for f in FAMILIES]
-
-
 def _flavours() -> dict[str, tuple[object, Flavour]]:
-    return {name: (module, flavour) for module in _families()
+    return {name: (module, flavour) for module in common.family_modules("timm", FAMILIES)
             for name, flavour in module.FLAVOURS.items()}
 
 

@@ -8,7 +8,6 @@ torchvision's keys to our module paths, "." separated) and optionally
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +24,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _families():
-    return [importlib.import_module(f"research.convert.torchvision_{f}") for f in FAMILIES]
-
-
 def family_of(arch: str):
-    for module in _families():
-        if arch in module.ARCHS:
-            return module
-    raise CheckpointError(f"no torchvision converter for {arch!r}; converters exist for "
-                          f"{sorted(supported())}")
+    return common.family_of("torchvision", FAMILIES, arch)
 
 
 def supported() -> list[str]:
-    return [arch for module in _families() for arch in module.ARCHS]
+    modules = common.family_modules("torchvision", FAMILIES)
+    return [arch for module in modules for arch in module.ARCHS]
 
 
 def options(arch: str, path: str | Path | None = None) -> dict:
