@@ -15,7 +15,6 @@ import numpy as np
 import models
 from research import tree
 from research.convert import common
-from research.errors import CheckpointError
 
 FAMILIES = ("resnet", "alexnet", "vgg", "inception", "mobilenet", "efficientnet", "vit")
 
