@@ -166,13 +166,14 @@ def _variant(size: str, patch_size: int):
 
 ViT_Ti16 = _variant("ti", 16)
 ViT_S16 = _variant("s", 16)
+ViT_S32 = _variant("s", 32)
 ViT_B16 = _variant("b", 16)
 ViT_B32 = _variant("b", 32)
 ViT_L16 = _variant("l", 16)
 ViT_L32 = _variant("l", 32)
 
 for _name, _factory, _torchvision in [
-        ("vit_ti16", ViT_Ti16, None), ("vit_s16", ViT_S16, None),
+        ("vit_ti16", ViT_Ti16, None), ("vit_s16", ViT_S16, None), ("vit_s32", ViT_S32, None),
         ("vit_b16", ViT_B16, "vit_b_16"), ("vit_b32", ViT_B32, "vit_b_32"),
         ("vit_l16", ViT_L16, "vit_l_16"), ("vit_l32", ViT_L32, "vit_l_32")]:
     register(_name, _factory, input_size=224, min_size=_factory.keywords["patch_size"],

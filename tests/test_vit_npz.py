@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # position embeddings the converter must read as a larger grid.
 CASES = [("vit_ti16", 224), ("vit_ti16", 384),
          *[pytest.param(arch, size, marks=pytest.mark.slow) for arch, size in [
-             ("vit_s16", 224), ("vit_b16", 224), ("vit_b32", 224), ("vit_b32", 384),
-             ("vit_l16", 224), ("vit_l32", 224)]]]
+             ("vit_s16", 224), ("vit_s32", 224), ("vit_b16", 224), ("vit_b32", 224),
+             ("vit_b32", 384), ("vit_l16", 224), ("vit_l32", 224)]]]
 
 
 def timm_vit(arch: str, size: int = 224):

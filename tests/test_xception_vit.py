@@ -9,8 +9,9 @@ from research.convert import torchvision as tv
 from research.errors import CheckpointError
 from tests import reference
 
-VIT_PARAMS = {"vit_ti16": 5_717_416, "vit_s16": 22_050_664, "vit_b16": 86_567_656,
-              "vit_b32": 88_224_232, "vit_l16": 304_326_632, "vit_l32": 306_535_400}
+VIT_PARAMS = {"vit_ti16": 5_717_416, "vit_s16": 22_050_664, "vit_s32": 22_878_952,
+              "vit_b16": 86_567_656, "vit_b32": 88_224_232, "vit_l16": 304_326_632,
+              "vit_l32": 306_535_400}
 
 
 def check_train_mode(model, variables, x):
