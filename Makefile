@@ -16,10 +16,10 @@ demo: setup data
 	$(PY) -m scripts.ablate --config configs/quickstart.py --workdir runs/quickstart
 
 test: setup data
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-all: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 setup: $(STAMP)
 
