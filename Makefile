@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-# Outside CI the slow end-to-end and large-model tests are left out; CI runs them all.
-PYTEST_ARGS ?= $(if $(CI),,-m "not slow")
+# Outside CI the slow end-to-end and large-model tests are left out; CI runs them too, all but
+# the exhaustive reference sweeps (every Keras architecture), which `make test-all` adds.
+PYTEST_ARGS ?= $(if $(CI),-m "not exhaustive",-m "not slow")
 
 .PHONY: demo test test-all setup data
 
