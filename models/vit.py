@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, ops
 from models.registry import register
 
 LN_EPS = 1e-6
@@ -82,7 +82,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_init,
-                                  bias_init=mlp_bias_init)
+                                  bias_init=mlp_bias_init, dot_general=ops.dot_general)
         width = x.shape[-1]
         x = layers.gelu(dense(self.hidden, name="fc1")(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -120,7 +120,8 @@ class EncoderBlock(nn.Module):
         y = nn.MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, kernel_init=xavier_init,
             dropout_rate=self.attention_dropout, broadcast_dropout=False,
-            deterministic=not train, attention_fn=attention, name="attn")(y)
+            deterministic=not train, attention_fn=attention, qkv_dot_general=ops.dot_general,
+            out_dot_general=ops.dot_general, name="attn")(y)
         x = x + nn.Dropout(self.encoder_dropout, deterministic=not train)(y)
         y = norm(name="ln2")(x)
         return x + Mlp(self.mlp_dim, self.encoder_dropout, self.dtype, name="mlp")(y, train)

@@ -1,4 +1,6 @@
-"""The CPU formulations of depthwise convolution and max pooling against XLA's own ops."""
+"""The CPU formulations of convolutions, products and max pooling against XLA's own ops."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,53 @@ def test_other_convolutions_are_xlas():
     conv = grouped_conv(ops.conv_general_dilated, (1, 1), "SAME", 2)
     np.testing.assert_array_equal(conv(x, w), grouped_conv(lax.conv_general_dilated, (1, 1),
                                                            "SAME", 2)(x, w))
+
+
+def assert_same_values_and_gradients(ours, theirs, *args, atol=2e-5):
+    rng = np.random.default_rng(1)
+    expected, pullback = jax.vjp(theirs, *args)
+    g = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
+    got, grads = jax.jit(lambda g, *a: (ours(*a), jax.vjp(ours, *a)[1](g)))(g, *args)
+    np.testing.assert_allclose(got, expected, atol=atol)
+    for ours_grad, their_grad in zip(grads, pullback(g)):
+        np.testing.assert_allclose(ours_grad, their_grad, atol=atol)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_and_its_gradients_equal_xlas(stride):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 7, 7, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 1, 6, 5)), jnp.float32)
+    conv = lambda op: lambda x, w: op(x, w, (stride, stride), "VALID", dimension_numbers=NHWC)
+    assert_same_values_and_gradients(conv(ops.conv_general_dilated),
+                                     conv(lax.conv_general_dilated), x, w)
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,contract", [
+    ((4, 9, 6), (6, 5), ((2,), (0,))),              # Dense on tokens
+    ((4, 9, 6), (6, 3, 2), ((2,), (0,))),           # query/key/value projections to heads
+    ((4, 9, 3, 2), (3, 2, 5), ((2, 3), (0, 1))),    # heads back to features
+    ((9, 6), (6, 5), ((1,), (0,))),                 # a matrix product already
+    ((6, 4, 9), (6, 5), ((0,), (0,))),              # another contraction: XLA's own
+])
+def test_dot_general_and_its_gradients_equal_xlas(lhs_shape, rhs_shape, contract):
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
+    numbers = (contract, ((), ()))
+    assert_same_values_and_gradients(lambda a, b: ops.dot_general(a, b, numbers),
+                                     lambda a, b: lax.dot_general(a, b, numbers), lhs, rhs,
+                                     atol=1e-4)
+
+
+@pytest.mark.parametrize("dot_general,copies", [(ops.dot_general, False),
+                                                (lax.dot_general, True)])
+def test_dense_kernel_gradient_on_the_cpu_copies_no_transpose(dot_general, copies):
+    x, w, g = jnp.zeros((16, 197, 384)), jnp.zeros((384, 1152)), jnp.zeros((16, 197, 1152))
+    numbers = (((2,), (0,)), ((), ()))
+    pullback = lambda w, g: jax.vjp(lambda w: dot_general(x, w, numbers), w)[1](g)
+    hlo = jax.jit(pullback).lower(w, g).compile().as_text()
+    assert bool(re.search(r"= f32\S* (transpose|copy)\(", hlo)) == copies
 
 
 @pytest.mark.parametrize("window,stride,padding", [
