@@ -7,14 +7,21 @@ one fused elementwise loop; its input gradient is the same loop transposed, and 
 gradient is reduced one image at a time, so that each image's slices stay in cache.
 
 A 1×1 convolution is a matrix product over the (strided) pixels: as ``dot``, its kernel
-gradient is one ``xᵀ·g`` product, 2–3× faster than the convolution XLA computes it with.
+gradient is one ``xᵀ·g`` product, 2–3× faster than the convolution XLA computes it with. So is
+a Dense layer over tokens (``dot_general``): given matrices, XLA computes the kernel gradient
+without first copying the output gradient transposed.
+
+A strided convolution's input gradient is, for each phase of the stride, a stride-1
+convolution of the output gradient with the taps that reach that phase; XLA instead
+convolves the zero-dilated gradient with every tap.
 
 JAX differentiates ``reduce_window`` max through a variadic reduce-window carrying four s32
 index arrays and a scatter; here the gradient goes to the first maximum of each window (as
 PyTorch's ``MaxPool2d``) through one fused loop over the window's taps.
 
 These apply on the CPU backend only (``lax.platform_dependent``): GPUs and TPUs keep XLA's own
-lowering. The values are those of ``lax.conv_general_dilated`` and ``lax.reduce_window``.
+lowering. The values are those of ``lax.conv_general_dilated``, ``lax.dot_general`` and
+``lax.reduce_window``.
 
 ``set_cpu_defaults`` adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` when ``models`` is imported.
 """
@@ -22,6 +29,7 @@ lowering. The values are those of ``lax.conv_general_dilated`` and ``lax.reduce_
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from typing import Sequence
@@ -69,6 +77,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         cpu = lambda x, w: depthwise_conv(x, w, strides, pads)
     elif plain and feature_group_count == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0),) * 2:
         cpu = lambda x, w: pointwise_conv(x, w, strides)
+    elif plain and feature_group_count == 1 and strides != (1, 1):
+        cpu = lambda x, w: strided_conv(x, w, strides, pads)
     else:
         return conv(lhs, rhs)
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
@@ -101,6 +111,55 @@ def pointwise_conv(x, w, strides: Sequence[int]):
     """1×1 convolution of NHWC ``x`` with an HWIO kernel ``w`` of shape (1, 1, I, O)."""
     x = x[:, ::strides[0], ::strides[1]]
     return jnp.dot(x.reshape(-1, x.shape[3]), w[0, 0]).reshape(*x.shape[:3], w.shape[3])
+
+
+def _conv(x, w, strides, pads: Pads):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(x, w, strides: tuple[int, int], pads: Pads):
+    """Convolution of NHWC ``x`` with an HWIO kernel ``w`` at ``strides`` > 1."""
+    return _conv(x, w, strides, pads)
+
+
+def _strided_conv_fwd(x, w, strides, pads):
+    return _conv(x, w, strides, pads), (x, w)
+
+
+def _strided_conv_bwd(strides, pads, residuals, g):
+    x, w = residuals
+    dw = jax.vjp(lambda w: _conv(x, w, strides, pads), w)[1](g)[0]
+    return _strided_conv_input_grad(g, w, x.shape, strides, pads), dw
+
+
+strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def _strided_conv_input_grad(g, w, x_shape, strides, pads: Pads):
+    """The input gradient as one stride-1 convolution of ``g`` per phase of the stride (the
+    input positions ≡ (a, b) mod ``strides``), each with the taps that reach that phase:
+    XLA's own lowering convolves a zero-dilated ``g`` with every tap, 1.2–5× slower."""
+    dx = jnp.zeros(x_shape, g.dtype)
+    for phase in itertools.product(*map(range, strides)):
+        taps = [_phase_taps(k, s, lo, a) for k, s, (lo, _), a in
+                zip(w.shape[:2], strides, pads, phase)]
+        if not all(taps):
+            continue
+        counts = [-(-(size - a) // s) for size, a, s in zip(x_shape[1:3], phase, strides)]
+        offsets = [[(a + lo - t) // s for t in ts] for ts, a, (lo, _), s in
+                   zip(taps, phase, pads, strides)]
+        g_pads = [(-d[0], count + len(d) - 1 - (n - d[0])) for d, count, n in
+                  zip(offsets, counts, g.shape[1:3])]
+        kernel = jnp.swapaxes(w[jnp.array(taps[0])][:, jnp.array(taps[1])], 2, 3)
+        part = _conv(_pad_hw(g, g_pads), kernel, (1, 1), ((0, 0), (0, 0)))
+        dx = dx + _place_tap(part, phase, strides, x_shape[1:3])
+    return dx
+
+
+def _phase_taps(size: int, stride: int, pad: int, phase: int) -> list[int]:
+    """The taps that reach input positions ≡ ``phase`` (mod ``stride``), last tap first."""
+    return [t for t in range(size - 1, -1, -1) if (phase + pad - t) % stride == 0]
 
 
 def _explicit_pads(padding, spatial: Sequence[int], window: Sequence[int], strides) -> Pads:

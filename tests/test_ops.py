@@ -70,6 +70,19 @@ def test_pointwise_conv_and_its_gradients_equal_xlas(stride):
                                      conv(lax.conv_general_dilated), x, w)
 
 
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (9, 3, 2, ((1, 1), (1, 1))), (10, 3, 2, "SAME"), (11, 7, 2, ((3, 3), (3, 3))),
+    (10, 5, 3, ((2, 1), (0, 2))), (8, 2, 2, "VALID"), (9, 3, (2, 1), ((1, 1), (1, 1)))])
+def test_strided_conv_and_its_gradients_equal_xlas(size, kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, size, size + 1, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 4, 5)), jnp.float32)
+    strides = (stride, stride) if isinstance(stride, int) else stride
+    conv = lambda op: lambda x, w: op(x, w, strides, padding, dimension_numbers=NHWC)
+    assert_same_values_and_gradients(conv(ops.conv_general_dilated),
+                                     conv(lax.conv_general_dilated), x, w, atol=1e-4)
+
+
 @pytest.mark.parametrize("lhs_shape,rhs_shape,contract", [
     ((4, 9, 6), (6, 5), ((2,), (0,))),              # Dense on tokens
     ((4, 9, 6), (6, 3, 2), ((2,), (0,))),           # query/key/value projections to heads
