@@ -1,14 +1,16 @@
-"""The CPU formulations of convolutions, products and max pooling against XLA's own ops."""
+"""The CPU formulations of convolutions, products and max pooling against XLA's own ops, and
+the batch norm with a hand-written gradient against autodiff and Flax's."""
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from models import ops
+from models import layers, ops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -53,11 +55,11 @@ def test_other_convolutions_are_xlas():
 def assert_same_values_and_gradients(ours, theirs, *args, atol=2e-5):
     rng = np.random.default_rng(1)
     expected, pullback = jax.vjp(theirs, *args)
-    g = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
+    g = jax.tree.map(lambda e: jnp.asarray(rng.standard_normal(e.shape), jnp.float32), expected)
     got, grads = jax.jit(lambda g, *a: (ours(*a), jax.vjp(ours, *a)[1](g)))(g, *args)
-    np.testing.assert_allclose(got, expected, atol=atol)
-    for ours_grad, their_grad in zip(grads, pullback(g)):
-        np.testing.assert_allclose(ours_grad, their_grad, atol=atol)
+    for ours_value, their_value in zip(jax.tree.leaves((got, grads)),
+                                       jax.tree.leaves((expected, pullback(g)))):
+        np.testing.assert_allclose(ours_value, their_value, atol=atol)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -135,3 +137,43 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
     expected = np.zeros((4, 4))
     expected[0, 0] = expected[0, 2] = expected[2, 0] = expected[3, 3] = 1.0
     np.testing.assert_array_equal(grad, expected)
+
+
+def batch_norm_by_autodiff(x, scale, bias, eps):
+    mean = x.mean((0, 1, 2))
+    var = (x * x).mean((0, 1, 2)) - mean * mean
+    return (x - mean) * lax.rsqrt(var + eps) * scale + bias, mean, var
+
+
+def test_batch_norm_and_its_gradients_equal_autodiff():
+    """Including the gradients through the returned statistics."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 4, 5, 6)) * 2 + 1, jnp.float32)
+    scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+    assert_same_values_and_gradients(lambda *a: ops.batch_norm(*a, 1e-5),
+                                     lambda *a: batch_norm_by_autodiff(*a, 1e-5), x, scale, bias,
+                                     atol=1e-4)
+
+
+def test_fused_batch_norm_trains_as_flaxs():
+    """Same variables, outputs, running statistics and gradients as ``nn.BatchNorm``."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours, flax_bn = (module(use_running_average=False, momentum=0.9, epsilon=1e-3)
+                     for module in (layers.FusedBatchNorm, nn.BatchNorm))
+    variables = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, flax_bn.init(jax.random.key(0), x))
+    params = {"scale": jnp.linspace(0.5, 2, 6), "bias": jnp.linspace(-1, 1, 6)}
+
+    def train(module):
+        def loss(params, x):
+            y, updates = module.apply({"params": params,
+                                       "batch_stats": variables["batch_stats"]},
+                                      x, mutable=["batch_stats"])
+            return (y * g).sum() + (y * y).sum(), updates
+        return jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+
+    for a, b in zip(jax.tree.leaves(train(ours)), jax.tree.leaves(train(flax_bn))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
