@@ -1,4 +1,5 @@
-"""The CPU formulations of convolutions, products and max pooling against XLA's own ops, and
+"""The CPU formulations of convolutions, products, attention and max pooling against XLA's own
+ops, and
 the batch norm with a hand-written gradient against autodiff and Flax's."""
 
 import re
@@ -177,3 +178,11 @@ def test_fused_batch_norm_trains_as_flaxs():
 
     for a, b in zip(jax.tree.leaves(train(ours)), jax.tree.leaves(train(flax_bn))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_dot_product_attention_and_its_gradients_equal_jaxs():
+    rng = np.random.default_rng(0)
+    query, key, value = (jnp.asarray(rng.standard_normal((2, 7, 3, 4)), jnp.float32)
+                         for _ in range(3))
+    assert_same_values_and_gradients(ops.dot_product_attention, jax.nn.dot_product_attention,
+                                     query, key, value)
