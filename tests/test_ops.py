@@ -1,6 +1,5 @@
 """The CPU formulations of convolutions, products, attention and max pooling against XLA's own
-ops, and
-the batch norm with a hand-written gradient against autodiff and Flax's."""
+ops, and the batch norm with a hand-written gradient against autodiff and Flax's."""
 
 import re
 
