@@ -102,8 +102,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     general = lambda lhs, rhs: product(lhs, rhs, dimension_numbers)
     (lhs_contract, rhs_contract), batch = dimension_numbers
     k = len(lhs_contract)
-    if (any(batch) or lhs.ndim - k < 2 or tuple(lhs_contract) != tuple(range(lhs.ndim - k, lhs.ndim))
-            or tuple(rhs_contract) != tuple(range(k))):
+    trailing_with_leading = (tuple(lhs_contract) == tuple(range(lhs.ndim - k, lhs.ndim))
+                             and tuple(rhs_contract) == tuple(range(k)))
+    if any(batch) or lhs.ndim - k < 2 or not trailing_with_leading:
         return general(lhs, rhs)
 
     def matmul(lhs, rhs):

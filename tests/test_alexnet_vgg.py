@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import models
+from research.convert import convert_file
 from research.convert import torchvision as tv
 from research.errors import CheckpointError
 from tests import reference
@@ -50,7 +51,7 @@ def _converted(arch: str, directory):
     reference.randomise_batchnorm(ref)
     path = directory / f"{arch}.pth"
     torch.save(ref.state_dict(), path)
-    model, variables = tv.convert_file(path, arch)
+    model, variables = convert_file("torchvision", path, arch)
     path.unlink()
     return ref, model, variables
 
@@ -87,7 +88,7 @@ def test_vgg16_state_dict_does_not_fit_vgg16_bn():
     import torchvision
     state_dict = {k: v.numpy() for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}
     with pytest.raises(CheckpointError) as err:
-        tv.convert_state_dict(state_dict, "vgg16_bn")
+        tv.convert_weights(state_dict, "vgg16_bn")
     message = str(err.value)
     assert "missing (64)" in message and "params/block1/bn1/scale" in message
     assert "params/features/2/kernel" in message  # vgg16's block1/conv2: no rule renames it

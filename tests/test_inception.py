@@ -5,7 +5,7 @@ import pytest
 
 import models
 from research import tree
-from research.convert import common
+from research.convert import common, convert_file
 from research.convert import torchvision as tv
 from research.errors import CheckpointError
 from tests import reference
@@ -54,7 +54,7 @@ def inception_v3_pair(tmp_path_factory):
     ref = torchvision_reference("inception_v3", 299, aux_logits=True, transform_input=True,
                                 dropout=0.0)
     path = save_state_dict(ref, tmp_path_factory.mktemp("inception_v3") / "inception_v3.pth")
-    return ref, *tv.convert_file(path, "inception_v3")
+    return ref, *convert_file("torchvision", path, "inception_v3")
 
 
 @pytest.mark.parametrize("arch,aux_logits,expected", [
@@ -68,7 +68,7 @@ def test_parameter_counts(arch, aux_logits, expected):
 @pytest.mark.parametrize("transform_input", [True, False])
 def test_googlenet_logits_match_torchvision(transform_input, tmp_path):
     ref = torchvision_reference("googlenet", 224, aux_logits=False, transform_input=transform_input)
-    model, variables = tv.convert_file(save_state_dict(ref, tmp_path / "googlenet.pth"),
+    model, variables = convert_file("torchvision", save_state_dict(ref, tmp_path / "googlenet.pth"),
                                        "googlenet")
     assert model.transform_input  # as torchvision builds it for its ImageNet weights
     model = model.clone(transform_input=transform_input)
@@ -107,7 +107,7 @@ def test_googlenet_aux_heads_convert_and_match_torchvision_in_training(tmp_path)
     ref = torchvision_reference("googlenet", 224, aux_logits=True, transform_input=False,
                                 dropout=0.0, dropout_aux=0.0)
     path = save_state_dict(ref, tmp_path / "googlenet_aux.pth")
-    _, variables = tv.convert_file(path, "googlenet")
+    _, variables = convert_file("torchvision", path, "googlenet")
     assert not {"aux1", "aux2"} & set(variables["params"])  # untrained in torchvision's weights
 
     model = models.create("googlenet", num_classes=1000, aux_logits=True, dropout=0.0,
@@ -160,4 +160,4 @@ def test_wrong_state_dict_lists_paths(tmp_path):
     torch.save(torchvision.models.googlenet(weights=None, aux_logits=False,
                                             init_weights=False).state_dict(), path)
     with pytest.raises(CheckpointError, match=r"(?s)missing.*Mixed_5b.*unexpected.*inception3a"):
-        tv.convert_file(path, "inception_v3")
+        convert_file("torchvision", path, "inception_v3")

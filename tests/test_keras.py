@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from research import convert, preprocess, pretrained
-from research.convert import common, keras_mobilenet
+from research.convert import common, convert_file, keras_mobilenet
 from research.convert import keras as keras_convert
 from research.errors import CheckpointError
 
@@ -245,7 +245,7 @@ def test_truncated_h5_names_the_file(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated") as error:
-        keras_convert.convert_file(path, "xception")
+        convert_file("keras", path, "xception")
     assert str(path) in str(error.value)
 
 
@@ -254,7 +254,7 @@ def test_h5_of_another_architecture_lists_paths(tmp_path):
     path = tmp_path / "vgg16_notop.weights.h5"
     build(weights=None, include_top=False).save_weights(path)
     with pytest.raises(CheckpointError) as error:
-        keras_convert.convert_file(path, "vgg19")
+        convert_file("keras", path, "vgg19")
     message = str(error.value)
     assert str(path) in message and "does not fit transferlab's vgg19" in message
     assert "params/block3/conv4/kernel" in message and "params/head/kernel" in message
@@ -265,7 +265,7 @@ def test_keras3_file_without_layer_names_is_refused(tmp_path):
     with h5py.File(path, "w") as f:
         f.create_dataset("layers/conv2d/vars/0", data=np.zeros((3, 3, 3, 32), np.float32))
     with pytest.raises(CheckpointError, match="carries no name") as error:
-        keras_convert.read_weights(path)
+        keras_convert.read(path)
     assert str(path) in str(error.value)
 
 
@@ -275,7 +275,7 @@ def test_auto_named_layers_map_by_creation_order(tmp_path):
     path = tmp_path / "shortcuts.h5"
     write_legacy(path, {f"conv2d_{k}": {"kernel": np.full((1, 1, 1, 1), k, np.float32)}
                         for k in (97, 98, 99, 100)})
-    weights = keras_convert.read_weights(path)
+    weights = keras_convert.read(path)
     assert sorted(weights) == [f"conv2d_{k}/kernel" for k in range(4)]
     assert weights["conv2d_0/kernel"].item() == 97 and weights["conv2d_3/kernel"].item() == 100
 
@@ -287,7 +287,7 @@ def test_efficientnet_imagenet_normalization_is_imagenet_preprocessing(tmp_path)
     path = tmp_path / "efficientnetb0.h5"
     write_legacy(path, {"normalization": {"mean": np.array(mean), "variance": np.array(std),
                                           "count": np.array(0)}})
-    spec = keras_convert.preprocessing("efficientnet_b0", path)
+    spec = keras_convert.preprocessing("efficientnet_b0", keras_convert.read(path))
     assert spec["mean"] == pytest.approx([255 * m for m in mean])
     assert spec["std"] == pytest.approx([255 * s for s in std])
 

@@ -8,7 +8,7 @@ import pytest
 import models
 from models.mobilenet import BlockSpec, InvertedResidual
 from research import tree
-from research.convert import common
+from research.convert import common, convert_file
 from research.convert import torchvision as tv
 from research.errors import CheckpointError
 from tests import reference
@@ -53,7 +53,7 @@ def _converted(arch: str, calibration_size: int, directory):
     reference.randomise_batchnorm(ref, image_size=calibration_size)
     path = directory / f"{arch}.pth"
     torch.save(ref.state_dict(), path)
-    model, variables = tv.convert_file(path, arch)
+    model, variables = convert_file("torchvision", path, arch)
     return ref, model, variables
 
 
@@ -126,7 +126,7 @@ def test_state_dict_of_another_variant_does_not_fit(source, target, paths):
     ref = getattr(torchvision.models, source)(weights=None)
     state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
-        tv.convert_state_dict(state_dict, target)
+        tv.convert_weights(state_dict, target)
     for path in paths:
         assert path in str(err.value)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import models
-from research.convert import torchvision as tv
+from research.convert import convert_file
 from tests import reference
 
 COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -38,7 +38,7 @@ def test_logits_match_torchvision(arch, sizes, tmp_path):
     damp_residual_branches(ref)
     path = tmp_path / f"{arch}.pth"
     torch.save(ref.state_dict(), path)
-    model, variables = tv.convert_file(path, arch)
+    model, variables = convert_file("torchvision", path, arch)
     for size in sizes:
         x = reference.random_images(size)
         np.testing.assert_allclose(reference.flax_logits(model, variables, x),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from research import pretrained
+from research.convert import convert_file
 from research.convert import timm as timm_convert
 from research.errors import CheckpointError
 from tests import reference
@@ -100,7 +101,7 @@ def converted(name: str):
     ref = timm_reference(name)
     with tempfile.TemporaryDirectory() as directory:
         path = save_safetensors(ref, Path(directory) / f"{name}.safetensors")
-        return ref, *timm_convert.convert_file(path, name)
+        return ref, *convert_file("timm", path, name)
 
 
 @pytest.mark.parametrize("name,size", _cases())
@@ -146,7 +147,7 @@ def test_state_dict_of_another_source_lists_paths(tmp_path):
     path = save_safetensors(torchvision.models.mobilenet_v2(weights=None),
                             tmp_path / "tv.safetensors")
     with pytest.raises(CheckpointError) as error:
-        timm_convert.convert_file(path, "mobilenetv2_100")
+        convert_file("timm", path, "mobilenetv2_100")
     message = str(error.value)
     assert str(path) in message
     assert "batch_stats/block1/depthwise/bn/mean" in message  # missing
@@ -156,7 +157,7 @@ def test_state_dict_of_another_source_lists_paths(tmp_path):
 def test_state_dict_of_another_variant_lists_paths(tmp_path):
     path = save_safetensors(timm_model("tf_efficientnet_b0"), tmp_path / "b0.safetensors")
     with pytest.raises(CheckpointError) as error:
-        timm_convert.convert_file(path, "tf_efficientnet_b1")
+        convert_file("timm", path, "tf_efficientnet_b1")
     assert "params/stage1/block1/depthwise/conv/kernel" in str(error.value)
 
 
@@ -164,7 +165,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
     path = save_safetensors(timm_model("mobilenetv3_small_100"), tmp_path / "w.safetensors")
     path.write_bytes(path.read_bytes()[:100_000])
     with pytest.raises(CheckpointError, match="w.safetensors.*truncated"):
-        timm_convert.convert_file(path, "mobilenetv3_small_100")
+        convert_file("timm", path, "mobilenetv3_small_100")
 
 
 def test_convert_script_stores_options_and_preprocessing(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from research import pretrained
+from research.convert import convert_file, vit_npz
 from research.convert import timm as timm_convert
-from research.convert import vit_npz
 from research.errors import CheckpointError
 from tests import reference
 from tests.test_timm import timm_model
@@ -80,8 +80,8 @@ def test_logits_match_timm_reading_the_same_file(arch, size, tmp_path):
     loaded.load_pretrained(str(path))  # timm's reader of Google's checkpoints
     for key, value in ref.state_dict().items():  # the file holds every tensor of ref
         np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value.numpy(), key)
-    model, variables = vit_npz.convert_file(path, arch)
-    assert vit_npz.preprocessing(arch, path)["input_size"] == size
+    model, variables = convert_file("vit_npz", path, arch)
+    assert vit_npz.preprocessing(arch, vit_npz.read(path))["input_size"] == size
     x = reference.random_images(size)
     np.testing.assert_allclose(reference.flax_logits(model, variables, x),
                                reference.torch_logits(loaded, x), atol=1e-4, rtol=0)
@@ -92,7 +92,7 @@ def test_missing_arrays_are_named(tmp_path):
     del arrays["Transformer/encoderblock_11/MlpBlock_3/Dense_1/kernel"], arrays["cls"]
     np.savez(tmp_path / "partial.npz", **arrays)
     with pytest.raises(CheckpointError) as error:
-        vit_npz.convert_file(tmp_path / "partial.npz", "vit_ti16")
+        convert_file("vit_npz", tmp_path / "partial.npz", "vit_ti16")
     message = str(error.value)
     assert "partial.npz" in message and "missing (2)" in message
     assert {"    cls", "    Transformer/encoderblock_11/MlpBlock_3/Dense_1/kernel"
@@ -102,7 +102,7 @@ def test_missing_arrays_are_named(tmp_path):
 def test_checkpoint_of_another_size_lists_paths(tmp_path):
     path = write_npz(timm_vit("vit_ti16"), tmp_path / "ti16.npz")
     with pytest.raises(CheckpointError) as error:
-        vit_npz.convert_file(path, "vit_s16")
+        convert_file("vit_npz", path, "vit_s16")
     message = str(error.value)
     assert "ti16.npz" in message
     assert "params/block00/attn/key/kernel: (192, 3, 64) in" in message  # mis-shaped
@@ -113,7 +113,7 @@ def test_truncated_npz_names_the_file(tmp_path):
     data = (tmp_path / "w.npz").read_bytes()
     (tmp_path / "w.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="w.npz.*truncated"):
-        vit_npz.convert_file(tmp_path / "w.npz", "vit_ti16")
+        convert_file("vit_npz", tmp_path / "w.npz", "vit_ti16")
 
 
 def test_convert_script_stores_unit_range_preprocessing(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 import models
 from research import tree
-from research.convert import common
+from research.convert import common, convert_file
 from research.convert import torchvision as tv
 from research.errors import CheckpointError
 from tests import reference
@@ -97,7 +97,7 @@ def convert(path, arch: str, image_size: int):
     """``convert_file`` fits the registered input size (224); the position embedding of a
     reference built for another size needs the shapes of that size."""
     if image_size == models.model_info(arch).input_size:
-        return tv.convert_file(path, arch)
+        return convert_file("torchvision", path, arch)
     family = tv.family_of(arch)
     model = models.create(arch, num_classes=1000)
     converted = common.convert_torch(common.read_state_dict(path), family.rules(arch),
@@ -136,7 +136,7 @@ def test_vit_rejects_another_variant(tmp_path):
     path = tmp_path / "tiny_vit.pth"
     torch.save(ref.state_dict(), path)
     with pytest.raises(CheckpointError) as error:
-        tv.convert_file(path, "vit_b16")
+        convert_file("torchvision", path, "vit_b16")
     message = str(error.value)
     assert "missing (" in message and "params/block02/attn/query/kernel" in message
     assert "params/embed/patch/kernel: (16, 16, 3, 64)" in message  # mis-shaped

@@ -1,12 +1,14 @@
 """Converters from reference implementations' weights to transferlab checkpoints.
 
-Each source is a module ``research/convert/<source>.py`` with ``convert_file(path, arch, *,
-num_classes) -> (model, variables)``, ``options(arch, path=None)`` (the model options its
-weights imply), ``preprocessing(arch, path=None)`` (keyword arguments of
+Each source is a module ``research/convert/<source>.py`` with ``read(path)`` (the weights
+file's arrays by the source's names), ``convert_weights(weights, arch, *, num_classes, source)
+-> (model, variables)``, ``options(arch, weights=None)`` (the model options its weights
+imply), ``preprocessing(arch, weights=None)`` (keyword arguments of
 ``research.preprocess.make_spec``: how its weights expect their input), ``supported()`` (the
-names it converts) and, where those are not all registry names, ``registry_name(arch)``. Given
-the weights file, ``options`` and ``preprocessing`` read what varies between files of one
-architecture (Keras's MobileNet α and EfficientNet normalisation, a ViT's image size).
+names it converts) and, where those are not all registry names, ``registry_name(arch)``. The
+file is read once; given its arrays, ``options`` and ``preprocessing`` find what varies
+between files of one architecture (Keras's MobileNet α and EfficientNet normalisation, a ViT's
+image size).
 """
 
 from __future__ import annotations
@@ -26,13 +28,22 @@ def source_module(source: str):
     return importlib.import_module(f"research.convert.{source}")
 
 
+def convert_file(source: str, input_path: str | Path, arch: str, *, num_classes: int = 1000):
+    """``(model, variables)`` from the weights file of ``source``'s ``arch``."""
+    converter = source_module(source)
+    return converter.convert_weights(converter.read(input_path), arch, num_classes=num_classes,
+                                     source=str(input_path))
+
+
 def convert(source: str, arch: str, input_path: str | Path, *, num_classes: int = 1000):
     """``(model, variables, meta)`` from the weights file of ``source``'s ``arch``."""
     converter = source_module(source)
-    model, variables = converter.convert_file(input_path, arch, num_classes=num_classes)
+    weights = converter.read(input_path)
+    model, variables = converter.convert_weights(weights, arch, num_classes=num_classes,
+                                                 source=str(input_path))
     name = converter.registry_name(arch) if hasattr(converter, "registry_name") else arch
-    meta = dict(model=pretrained.model_meta(name, model, converter.options(arch, input_path)),
-                preprocess=preprocess.make_spec(**converter.preprocessing(arch, input_path)),
+    meta = dict(model=pretrained.model_meta(name, model, converter.options(arch, weights)),
+                preprocess=preprocess.make_spec(**converter.preprocessing(arch, weights)),
                 source=dict(library=source, arch=arch, file=str(input_path)),
                 num_classes=num_classes)
     return model, variables, meta

@@ -79,7 +79,7 @@ def supported() -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_weights(path: str | Path) -> dict[str, np.ndarray]:
+def read(path: str | Path) -> dict[str, np.ndarray]:
     """``{"<layer>/<variable>": array}`` from a Keras 3 ``.weights.h5`` or a legacy ``.h5``."""
     import h5py
     path = Path(path)
@@ -175,12 +175,12 @@ def _ranked(key: str, ranks: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- converting
 
 
-def options(arch: str, path: str | Path | None = None) -> dict:
-    """Model options that Keras's weights for ``arch`` imply (and, given the file, the variant
-    its shapes show, such as MobileNet's α)."""
-    if path is None:
+def options(arch: str, weights: dict[str, np.ndarray] | None = None) -> dict:
+    """Model options that Keras's weights for ``arch`` imply (and, given the file's
+    ``weights``, the variant their shapes show, such as MobileNet's α)."""
+    if weights is None:
         return dict(family_of(arch).OPTIONS.get(arch, {}))
-    return _options(arch, _renamed(read_weights(path), arch))
+    return _options(arch, _renamed(weights, arch))
 
 
 def _options(arch: str, renamed: dict[str, np.ndarray]) -> dict:
@@ -197,21 +197,21 @@ def _renamed(weights: dict[str, np.ndarray], arch: str) -> dict[str, np.ndarray]
     return {common.rename(key, rules): value for key, value in weights.items()}
 
 
-def preprocessing(arch: str, path: str | Path | None = None) -> dict:
+def preprocessing(arch: str, weights: dict[str, np.ndarray] | None = None) -> dict:
     """How the weights expect their input, as Keras's ``preprocess_input`` and the model's own
-    rescaling layers prepare it: the whole image resized to the input size, no crop. With
-    ``path``, normalisation layers stored in the file (EfficientNet's) are read from it."""
+    rescaling layers prepare it: the whole image resized to the input size, no crop. Given the
+    file's ``weights``, normalisation layers stored in it (EfficientNet's) are read."""
     family = family_of(arch)
     size = models.model_info(arch).input_size
     spec = dict(family.PREPROCESSING)
-    if path is not None and hasattr(family, "preprocessing"):
-        spec.update(family.preprocessing(read_weights(path)))
+    if weights is not None and hasattr(family, "preprocessing"):
+        spec.update(family.preprocessing(weights))
     return dict(input_size=size, resize=size, crop_fraction=1.0, interpolation="bilinear", **spec)
 
 
 def convert_weights(weights: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
                     source: str = "Keras weights") -> tuple[object, dict]:
-    """``(model, variables)`` for Keras's ``arch`` with ``weights`` (see ``read_weights``)."""
+    """``(model, variables)`` for Keras's ``arch`` with ``weights`` (see ``read``)."""
     renamed = _renamed(weights, arch)
     model = models.create(arch, num_classes=num_classes, **_options(arch, renamed))
     special = getattr(family_of(arch), "special", None)
@@ -222,11 +222,6 @@ def convert_weights(weights: dict[str, np.ndarray], arch: str, *, num_classes: i
     shapes = {p: s.shape for p, s in tree.flatten(models.variable_shapes(
         model, models.model_info(arch).input_size)).items()}
     return model, common.fit_to(shapes, converted, source, f"transferlab's {arch}")
-
-
-def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
-    """Read a Keras ``.h5`` / ``.weights.h5`` file and convert it; see ``convert_weights``."""
-    return convert_weights(read_weights(path), arch, num_classes=num_classes, source=str(path))
 
 
 def by_creation_order(paths, module: str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -75,13 +74,16 @@ def supported() -> list[str]:
     return sorted({*flavours, *(flavour.arch for _, flavour in flavours.values())})
 
 
-def options(arch: str, path: str | Path | None = None) -> dict:
+read = common.read_state_dict
+
+
+def options(arch: str, weights: dict | None = None) -> dict:
     """Model options that timm's weights for ``arch`` imply (the same for every file)."""
     return dict(_resolve(arch)[2].options)
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
-                       source: str = "state dict") -> tuple[object, dict]:
+def convert_weights(state_dict: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
+                    source: str = "state dict") -> tuple[object, dict]:
     """``(model, variables)`` for timm's ``arch`` with the weights of ``state_dict``."""
     name, family, flavour = _resolve(arch)
     model = models.create(flavour.arch, num_classes=num_classes, **flavour.options)
@@ -92,13 +94,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], arch: str, *, num_clas
     return model, common.fit_to(shapes, converted, source, f"transferlab's {flavour.arch}")
 
 
-def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
-    """Read a ``.safetensors`` / ``.pth`` file and convert it; see ``convert_state_dict``."""
-    return convert_state_dict(common.read_state_dict(path), arch, num_classes=num_classes,
-                              source=str(path))
-
-
-def preprocessing(arch: str, path: str | Path | None = None) -> dict:
+def preprocessing(arch: str, weights: dict | None = None) -> dict:
     """How timm's weights for ``arch`` expect their input: its ``pretrained_cfg``'s eval
     transforms (resize the short side to ``input_size / crop_pct``, centre crop)."""
     flavour = _resolve(arch)[2]

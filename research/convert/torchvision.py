@@ -8,7 +8,6 @@ torchvision's keys to our module paths, "." separated) and optionally
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -32,13 +31,16 @@ def supported() -> list[str]:
     return [arch for module in modules for arch in module.ARCHS]
 
 
-def options(arch: str, path: str | Path | None = None) -> dict:
+read = common.read_state_dict
+
+
+def options(arch: str, weights: dict | None = None) -> dict:
     """Model options that torchvision's weights for ``arch`` imply (the same for every file)."""
     return dict(getattr(family_of(arch), "OPTIONS", {}).get(arch, {}))
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
-                       source: str = "state dict") -> tuple[object, dict]:
+def convert_weights(state_dict: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
+                    source: str = "state dict") -> tuple[object, dict]:
     """``(model, variables)`` for torchvision's ``arch`` with the weights of ``state_dict``."""
     model = models.create(arch, num_classes=num_classes, **options(arch))
     family = family_of(arch)
@@ -46,12 +48,6 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], arch: str, *, num_clas
     shapes = {p: s.shape for p, s in tree.flatten(models.variable_shapes(
         model, models.model_info(arch).input_size)).items()}
     return model, common.fit_to(shapes, converted, source, f"transferlab's {arch}")
-
-
-def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
-    """Read a ``.pth`` / ``.safetensors`` file and convert it; see ``convert_state_dict``."""
-    return convert_state_dict(common.read_state_dict(path), arch, num_classes=num_classes,
-                              source=str(path))
 
 
 # torchvision's IMAGENET1K_V1 eval transforms where they differ from resize 256 → crop 224,
@@ -65,7 +61,7 @@ _EVAL_TRANSFORMS = {
 }
 
 
-def preprocessing(arch: str, path: str | Path | None = None) -> dict:
+def preprocessing(arch: str, weights: dict | None = None) -> dict:
     """How torchvision's weights expect their input (its ``IMAGENET1K_V1`` eval transforms)."""
     crop, resize, interpolation = _EVAL_TRANSFORMS.get(arch, (224, 256, "bilinear"))
     return dict(input_size=crop, resize=resize, crop_fraction=crop / resize,

@@ -56,4 +56,3 @@ def special(key: str, value: np.ndarray) -> dict[str, np.ndarray] | None:
         width = value.shape[0]
         return {f"{path}/kernel": value.T.reshape(_heads(width), -1, width)}
     return None
-

@@ -43,30 +43,29 @@ def supported() -> list[str]:
     return models.list_models("vit_*")
 
 
-def options(arch: str, path: str | Path | None = None) -> dict:
+def options(arch: str, weights: dict | None = None) -> dict:
     return {}
 
 
-def preprocessing(arch: str, path: str | Path | None = None) -> dict:
+def preprocessing(arch: str, weights: dict[str, np.ndarray] | None = None) -> dict:
     """Google's ViTs take inputs scaled to [-1, 1], resized (bilinear) to the size their
-    position embedding was learned for: 224 px, or, given a ``*-384`` file, 384."""
+    position embedding was learned for: 224 px, or, given a ``*-384`` file's arrays, 384."""
     size = models.model_info(arch).input_size
-    if path is not None:
+    if weights is not None:
         patch_size = models.create(arch, num_classes=1000).patch_size
-        size = image_size(read_npz(path, [POS_EMBEDDING]), patch_size, size)
+        size = image_size(weights, patch_size, size)
     return dict(input_size=size, interpolation="bilinear", mean=[127.5] * 3, std=[127.5] * 3,
                 channel_order="RGB")
 
 
-def read_npz(path: str | Path, names=None) -> dict[str, np.ndarray]:
-    """The file's arrays (those of ``names`` that it holds, if given)."""
+def read(path: str | Path) -> dict[str, np.ndarray]:
+    """The ``.npz`` file's arrays by name."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file. Pass the path of a ViT .npz checkpoint.")
     try:
         with np.load(path) as npz:
-            wanted = npz.files if names is None else [n for n in names if n in npz.files]
-            return {name: npz[name] for name in wanted}
+            return {name: npz[name] for name in npz.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"{path} is not a readable .npz file ({e}). It may be truncated: "
                               "download it again.") from None
@@ -81,8 +80,8 @@ def image_size(arrays: dict[str, np.ndarray], patch_size: int, default: int) -> 
     return math.isqrt(pos_embedding.shape[1] - 1) * patch_size
 
 
-def convert_arrays(arrays: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
-                   source: str = "arrays") -> tuple[object, dict]:
+def convert_weights(arrays: dict[str, np.ndarray], arch: str, *, num_classes: int = 1000,
+                    source: str = "arrays") -> tuple[object, dict]:
     """``(model, variables)`` for our ``arch`` with the weights of the checkpoint's arrays."""
     if arch not in supported():
         raise CheckpointError(f"no ViT .npz converter for {arch!r}; converters exist for "
@@ -100,8 +99,3 @@ def convert_arrays(arrays: dict[str, np.ndarray], arch: str, *, num_classes: int
             + mismatch_report(missing, unexpected))
     return model, common.fit_to(shapes, {path: arrays[name] for path, name in names.items()},
                                 source, f"transferlab's {arch}")
-
-
-def convert_file(path: str | Path, arch: str, *, num_classes: int = 1000):
-    """Read a ``.npz`` checkpoint and convert it; see ``convert_arrays``."""
-    return convert_arrays(read_npz(path), arch, num_classes=num_classes, source=str(path))
