@@ -144,49 +144,55 @@ def _conv(x, w, strides, pads: Pads):
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def strided_conv(x, w, strides: tuple[int, int], pads: Pads):
-    """Convolution of NHWC ``x`` with an HWIO kernel ``w`` at ``strides`` > 1."""
-    return _conv(x, w, strides, pads)
+def _with_gradients(forward, input_grad, kernel_grad):
+    """``forward(x, w, strides, pads)`` differentiated by ``input_grad`` and ``kernel_grad``,
+    functions of (x, w, g, strides, pads)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def conv(x, w, strides: tuple[int, int], pads: Pads):
+        return forward(x, w, strides, pads)
+
+    def backward(strides, pads, residuals, g):
+        x, w = residuals
+        return input_grad(x, w, g, strides, pads), kernel_grad(x, w, g, strides, pads)
+
+    conv.defvjp(lambda x, w, strides, pads: (forward(x, w, strides, pads), (x, w)), backward)
+    return conv
 
 
-def _strided_conv_fwd(x, w, strides, pads):
-    return _conv(x, w, strides, pads), (x, w)
+def _kernel_grad_of(forward):
+    def kernel_grad(x, w, g, strides, pads: Pads):
+        return jax.vjp(lambda w: forward(x, w, strides, pads), w)[1](g)[0]
+    return kernel_grad
 
 
-def _strided_conv_bwd(strides, pads, residuals, g):
-    x, w = residuals
-    dw = jax.vjp(lambda w: _conv(x, w, strides, pads), w)[1](g)[0]
-    return _strided_conv_input_grad(g, w, x.shape, strides, pads), dw
-
-
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
-
-
-def _strided_conv_input_grad(g, w, x_shape, strides, pads: Pads):
+def _strided_conv_input_grad(x, w, g, strides, pads: Pads):
     """The input gradient as one stride-1 convolution of ``g`` per phase of the stride (the
     input positions ≡ (a, b) mod ``strides``), each with the taps that reach that phase:
     XLA's own lowering convolves a zero-dilated ``g`` with every tap, 1.2–5× slower."""
-    dx = jnp.zeros(x_shape, g.dtype)
+    dx = jnp.zeros_like(x)
     for phase in itertools.product(*map(range, strides)):
         taps = [_phase_taps(k, s, lo, a) for k, s, (lo, _), a in
                 zip(w.shape[:2], strides, pads, phase)]
         if not all(taps):
             continue
-        counts = [-(-(size - a) // s) for size, a, s in zip(x_shape[1:3], phase, strides)]
+        counts = [-(-(size - a) // s) for size, a, s in zip(x.shape[1:3], phase, strides)]
         offsets = [[(a + lo - t) // s for t in ts] for ts, a, (lo, _), s in
                    zip(taps, phase, pads, strides)]
         g_pads = [(-d[0], count + len(d) - 1 - (n - d[0])) for d, count, n in
                   zip(offsets, counts, g.shape[1:3])]
         kernel = jnp.swapaxes(w[jnp.array(taps[0])][:, jnp.array(taps[1])], 2, 3)
         part = _conv(_pad_hw(g, g_pads), kernel, (1, 1), ((0, 0), (0, 0)))
-        dx = dx + _place_tap(part, phase, strides, x_shape[1:3])
+        dx = dx + _place_tap(part, phase, strides, x.shape[1:3])
     return dx
 
 
 def _phase_taps(size: int, stride: int, pad: int, phase: int) -> list[int]:
     """The taps that reach input positions ≡ ``phase`` (mod ``stride``), last tap first."""
     return [t for t in range(size - 1, -1, -1) if (phase + pad - t) % stride == 0]
+
+
+# Convolution of NHWC ``x`` with an HWIO kernel ``w`` at ``strides`` > 1.
+strided_conv = _with_gradients(_conv, _strided_conv_input_grad, _kernel_grad_of(_conv))
 
 
 def _explicit_pads(padding, spatial: Sequence[int], window: Sequence[int], strides) -> Pads:
@@ -221,29 +227,21 @@ def _tap_sum(x, w, strides, pads: Pads):
     return sum(tap * weights[k] for k, tap in enumerate(taps))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_conv(x, w, strides: tuple[int, int], pads: Pads):
-    """Depthwise convolution of NHWC ``x`` with an HWIO kernel ``w`` of shape (kh, kw, 1, C)."""
-    return _tap_sum(x, w, strides, pads)
+def _tap_sum_input_grad(x, w, g, strides, pads: Pads):
+    return jax.vjp(lambda x: _tap_sum(x, w, strides, pads), x)[1](g)[0]
 
 
-def _depthwise_fwd(x, w, strides, pads):
-    return _tap_sum(x, w, strides, pads), (x, w)
-
-
-def _depthwise_bwd(strides, pads, residuals, g):
-    x, w = residuals
-    dx = jax.vjp(lambda x: _tap_sum(x, w, strides, pads), x)[1](g)[0]
+def _tap_sum_kernel_grad_per_image(x, w, g, strides, pads: Pads):
+    kernel_grad = _kernel_grad_of(_tap_sum)
 
     def add_image(dw, image_and_grad):
         image, grad = image_and_grad
-        return dw + jax.vjp(lambda w: _tap_sum(image[None], w, strides, pads), w)[1](
-            grad[None])[0], None
-    dw = lax.scan(add_image, jnp.zeros_like(w), (x, g))[0]
-    return dx, dw
+        return dw + kernel_grad(image[None], w, grad[None], strides, pads), None
+    return lax.scan(add_image, jnp.zeros_like(w), (x, g))[0]
 
 
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+# Depthwise convolution of NHWC ``x`` with an HWIO kernel ``w`` of shape (kh, kw, 1, C).
+depthwise_conv = _with_gradients(_tap_sum, _tap_sum_input_grad, _tap_sum_kernel_grad_per_image)
 
 
 def max_pool(x, window: Sequence[int], strides: Sequence[int], padding: str | Pads):
