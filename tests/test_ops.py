@@ -20,6 +20,16 @@ def grouped_conv(conv, strides, padding, channels):
                              feature_group_count=channels)
 
 
+def assert_same_values_and_gradients(ours, theirs, *args, atol=2e-5, grad_atol=None):
+    rng = np.random.default_rng(1)
+    expected, pullback = jax.vjp(theirs, *args)
+    g = jax.tree.map(lambda e: jnp.asarray(rng.standard_normal(e.shape), jnp.float32), expected)
+    got, grads = jax.jit(lambda g, *a: (ours(*a), jax.vjp(ours, *a)[1](g)))(g, *args)
+    for values, bound in (((got, expected), atol), ((grads, pullback(g)), grad_atol or atol)):
+        for ours_value, their_value in zip(*map(jax.tree.leaves, values)):
+            np.testing.assert_allclose(ours_value, their_value, atol=bound)
+
+
 @pytest.mark.parametrize("size,channels,kernel,stride,padding", [
     (9, 5, 3, 1, "SAME"), (10, 4, 3, 2, "SAME"), (11, 6, 5, 2, ((2, 2), (2, 2))),
     (8, 3, 5, 1, ((1, 3), (0, 2))), (7, 8, 3, 2, "VALID")])
@@ -27,14 +37,10 @@ def test_depthwise_conv_and_its_gradients_equal_xlas(size, channels, kernel, str
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, size, size, channels)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, channels)), jnp.float32)
-    ours = grouped_conv(ops.conv_general_dilated, (stride, stride), padding, channels)
-    theirs = grouped_conv(lax.conv_general_dilated, (stride, stride), padding, channels)
-    expected, pullback = jax.vjp(theirs, x, w)
-    g = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
-    got, (dx, dw) = jax.jit(lambda x, w, g: (ours(x, w), jax.vjp(ours, x, w)[1](g)))(x, w, g)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    for ours_grad, their_grad in zip((dx, dw), pullback(g)):
-        np.testing.assert_allclose(ours_grad, their_grad, atol=2e-5)
+    assert_same_values_and_gradients(
+        grouped_conv(ops.conv_general_dilated, (stride, stride), padding, channels),
+        grouped_conv(lax.conv_general_dilated, (stride, stride), padding, channels), x, w,
+        atol=1e-5, grad_atol=2e-5)
 
 
 def test_depthwise_conv_on_the_cpu_is_no_grouped_convolution():
@@ -50,16 +56,6 @@ def test_other_convolutions_are_xlas():
     conv = grouped_conv(ops.conv_general_dilated, (1, 1), "SAME", 2)
     np.testing.assert_array_equal(conv(x, w), grouped_conv(lax.conv_general_dilated, (1, 1),
                                                            "SAME", 2)(x, w))
-
-
-def assert_same_values_and_gradients(ours, theirs, *args, atol=2e-5):
-    rng = np.random.default_rng(1)
-    expected, pullback = jax.vjp(theirs, *args)
-    g = jax.tree.map(lambda e: jnp.asarray(rng.standard_normal(e.shape), jnp.float32), expected)
-    got, grads = jax.jit(lambda g, *a: (ours(*a), jax.vjp(ours, *a)[1](g)))(g, *args)
-    for ours_value, their_value in zip(jax.tree.leaves((got, grads)),
-                                       jax.tree.leaves((expected, pullback(g)))):
-        np.testing.assert_allclose(ours_value, their_value, atol=atol)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

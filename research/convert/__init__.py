@@ -30,9 +30,7 @@ def source_module(source: str):
 
 def convert_file(source: str, input_path: str | Path, arch: str, *, num_classes: int = 1000):
     """``(model, variables)`` from the weights file of ``source``'s ``arch``."""
-    converter = source_module(source)
-    return converter.convert_weights(converter.read(input_path), arch, num_classes=num_classes,
-                                     source=str(input_path))
+    return convert(source, arch, input_path, num_classes=num_classes)[:2]
 
 
 def convert(source: str, arch: str, input_path: str | Path, *, num_classes: int = 1000):

@@ -8,7 +8,6 @@ torchvision's keys to our module paths, "." separated) and optionally
 
 from __future__ import annotations
 
-
 import numpy as np
 
 import models
