@@ -1,6 +1,7 @@
 # `make demo` runs the quickstart transfer experiment; `make test` runs the test suite.
-# Both set up everything first: a virtual environment in .venv with the pinned packages, and
-# Fashion-MNIST from Debian's dataset-fashion-mnist package.
+# Both set up everything first: a virtual environment in .venv with the pinned packages,
+# Fashion-MNIST from Debian's dataset-fashion-mnist package, and oneDNN's convolutions for the
+# CPU (Debian's libdnnl-dev, built against jaxlib's FFI headers; see models/onednn.py).
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,15 +12,15 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # the exhaustive reference sweeps (every Keras architecture), which `make test-all` adds.
 PYTEST_ARGS ?= $(if $(CI),-m "not exhaustive",-m "not slow")
 
-.PHONY: demo test test-all setup data
+.PHONY: demo test test-all setup data onednn
 
-demo: setup data
+demo: setup data onednn
 	$(PY) -m scripts.ablate --config configs/quickstart.py --workdir runs/quickstart
 
-test: setup data
+test: setup data onednn
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-test-all: setup data
+test-all: setup data onednn
 	$(PY) -m pytest -q --durations=15
 
 setup: $(STAMP)
@@ -29,6 +30,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,reference]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+# Without oneDNN (not root, no apt-get), convolutions stay XLA's: slower on the CPU, same values.
+# CI stops there instead, so that the oneDNN tests never skip.
+onednn: setup
+	@if [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq libdnnl-dev || (apt-get update -qq && apt-get install -y -qq libdnnl-dev)) >/dev/null; \
+	fi
+	@$(PY) -c "from models import onednn; print(onednn.build())" || { \
+	  echo "oneDNN is not available: 'sudo apt-get install libdnnl-dev' for faster CPU convolutions."; \
+	  [ -z "$(CI)" ]; }
 
 data:
 	@if [ -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ] || [ -f $(FASHION_MNIST)/train-images-idx3-ubyte ]; then \

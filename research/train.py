@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import models
+from models import onednn
 from research import checkpoints, data, freeze, optim, preprocess, pretrained, tree
 from research.errors import ConfigError
 
@@ -233,12 +234,14 @@ def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
 
 
 def compiled_flops(exp: Experiment) -> float:
-    """XLA's flop count of one compiled train step (``cost_analysis()``)."""
+    """XLA's flop count of one compiled train step (``cost_analysis()``), its convolutions
+    XLA's own: it counts none in oneDNN's."""
     b = exp.cfg.train.batch_size
     images = jax.ShapeDtypeStruct((b, *exp.train_split.image_shape), jnp.uint8,
                                   sharding=NamedSharding(exp.mesh, P("data")))
     labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=NamedSharding(exp.mesh, P("data")))
-    compiled = make_train_step(exp).lower(exp.state, images, labels).compile()
+    with onednn.disabled():
+        compiled = make_train_step(exp).lower(exp.state, images, labels).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])

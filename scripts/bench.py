@@ -75,8 +75,7 @@ def ours_train(model: str, batch: int, size: int, steps: int, freeze_depth: int 
     start = time.perf_counter()
     compiled = train.make_train_step(exp).lower(exp.state, x, y).compile()
     compile_s = time.perf_counter() - start
-    flops = compiled.cost_analysis()
-    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", float("nan"))
+    flops = train.compiled_flops(exp)
     state = [exp.state]
 
     def step():

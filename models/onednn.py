@@ -1,0 +1,190 @@
+"""Convolutions through oneDNN (the kernels PyTorch runs on the CPU), as XLA FFI calls.
+
+XLA:CPU computes a convolution's kernel gradient 1.5–3× slower than oneDNN, and strided
+convolutions' input gradient up to 2.6× slower. ``conv`` runs all three passes of a float32
+NHWC convolution (groups 1, no dilation) with oneDNN's primitives instead, through the handlers
+in ``csrc/onednn_conv.cc``, built on first use with g++ against Debian's ``libdnnl-dev``
+(``make setup`` installs it as root) and jaxlib's FFI headers, and cached in
+``~/.cache/transferlab``. Under ``jit`` over a device mesh each device convolves its own shard
+of the batch (``custom_partitioning``), and the kernel gradient is summed over the batch axis.
+
+``available()`` says whether the library loaded; where it did not (no oneDNN, no compiler),
+``models.ops`` keeps XLA's convolutions and ``unavailable_reason()`` says why.
+``TRANSFERLAB_ONEDNN=0`` turns it off; ``disabled()`` does so while tracing (XLA's cost
+analysis counts no flops in a foreign call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
+HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
+TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardData",
+           "backward_weights": "OnednnConvBackwardWeights"}
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+_disabled_while_tracing = [False]
+
+
+def enabled() -> bool:
+    """Whether convolutions traced now go to oneDNN."""
+    return (not _disabled_while_tracing[0] and os.environ.get("TRANSFERLAB_ONEDNN", "1") != "0"
+            and jax.default_backend() == "cpu" and available())
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else _library.reason
+
+
+@contextlib.contextmanager
+def disabled():
+    """Convolutions traced inside do not go to oneDNN (for ``cost_analysis`` flops). A
+    function ``jit`` traced before keeps its trace: trace a new one."""
+    _disabled_while_tracing[0] = True
+    try:
+        yield
+    finally:
+        _disabled_while_tracing[0] = False
+
+
+def library_path() -> Path:
+    """Where the built library is cached: one file per source and jaxlib version."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transferlab"
+    return cache / f"onednn_conv-{digest}.so"
+
+
+def build() -> Path:
+    """Compile ``csrc/onednn_conv.cc`` (once: the result is cached by content)."""
+    path = library_path()
+    if path.exists():
+        return path
+    if not HEADER.exists():
+        raise OSError(f"oneDNN's headers are missing ({HEADER}): install Debian's libdnnl-dev "
+                      "(`apt-get install libdnnl-dev`) or run `make setup` as root.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        done = subprocess.run(
+            ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", f"-I{jax.ffi.include_dir()}",
+             str(SOURCE), "-o", str(built), "-ldnnl"], capture_output=True, text=True)
+        if done.returncode:
+            raise OSError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(built, path)  # atomic: concurrent processes each build, one file stays
+    return path
+
+
+@functools.cache
+def _library():
+    try:
+        library = ctypes.CDLL(str(build()))
+    except OSError as e:
+        _library.reason = str(e)
+        return None
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(f"transferlab_onednn_{name}",
+                                    jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library
+
+
+def _call(name: str, out_shape, a, b, strides, pads: Pads):
+    (top, bottom), (left, right) = pads
+    out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+    return jax.ffi.ffi_call(f"transferlab_onednn_{name}", out, vmap_method="sequential")(
+        a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+        pad_right=np.int64(right))
+
+
+def _output_shape(x_shape, w_shape, strides, pads: Pads):
+    hw = [(size + lo + hi - k) // s + 1
+          for size, (lo, hi), k, s in zip(x_shape[1:3], pads, w_shape[:2], strides)]
+    return (x_shape[0], *hw, w_shape[3])
+
+
+def _batch_axis(shape_with_sharding):
+    spec = getattr(shape_with_sharding.sharding, "spec", None)
+    return spec[0] if spec else None
+
+
+def _non_batch_factors(rule: str) -> tuple[str, ...]:
+    factors = dict.fromkeys(rule.replace(",", " ").replace("->", " ").split())
+    return tuple(f for f in factors if f != "b")
+
+
+def _batch_parallel(rule: str, local_fn, batch_in_output: bool):
+    """``local_fn(a, b, out_shape, strides, pads)`` partitioned over the batch (first) axis:
+    each device runs it on its shard of ``a`` (and of ``b`` when the result has no batch
+    axis, which is then summed over the devices); ``b`` is otherwise replicated."""
+    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+    def fn(a, b, out_shape, strides, pads):
+        return local_fn(a, b, out_shape, strides, pads)
+
+    def output_sharding(mesh, arg_shapes):
+        return NamedSharding(mesh, P(_batch_axis(arg_shapes[0]) if batch_in_output else None))
+
+    def partition(out_shape, strides, pads, mesh, arg_shapes, result_shape):
+        batch = _batch_axis(arg_shapes[0])
+        sharded, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
+        operands = (sharded, replicated if batch_in_output else sharded)
+
+        def lower(a, b):
+            shape = (a.shape[0], *out_shape[1:]) if batch_in_output else out_shape
+            out = local_fn(a, b, shape, strides, pads)
+            return out if batch_in_output or batch is None else jax.lax.psum(out, batch)
+        return mesh, lower, output_sharding(mesh, arg_shapes), operands
+
+    fn.def_partition(
+        infer_sharding_from_operands=lambda *a: output_sharding(a[3], a[4]),
+        partition=partition, sharding_rule=rule,
+        reduction_factors=() if batch_in_output else ("b",),
+        need_replication_factors=_non_batch_factors(rule))
+    return fn
+
+
+_forward = _batch_parallel("b h w c, k l c o -> b i j o",
+                           lambda x, w, shape, s, p: _call("forward", shape, x, w, s, p), True)
+_backward_data = _batch_parallel(
+    "b i j o, k l c o -> b h w c",
+    lambda dy, w, shape, s, p: _call("backward_data", shape, dy, w, s, p), True)
+_backward_weights = _batch_parallel(
+    "b h w c, b i j o -> k l c o",
+    lambda x, dy, shape, s, p: _call("backward_weights", shape, x, dy, s, p), False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, w, strides: tuple[int, int], pads: Pads):
+    """Convolution of float32 NHWC ``x`` with an HWIO kernel ``w`` (groups 1, no dilation),
+    ``pads`` explicit ((top, bottom), (left, right)): ``lax.conv_general_dilated``'s values."""
+    return _forward(x, w, _output_shape(x.shape, w.shape, strides, pads), strides, pads)
+
+
+def _conv_forward(x, w, strides, pads):
+    return conv(x, w, strides, pads), (x, w)
+
+
+def _conv_backward(strides, pads, residuals, dy):
+    x, w = residuals
+    return (_backward_data(dy, w, x.shape, strides, pads),
+            _backward_weights(x, dy, w.shape, strides, pads))
+
+
+conv.defvjp(_conv_forward, _conv_backward)

@@ -1,0 +1,83 @@
+"""oneDNN convolutions through XLA's FFI against XLA's own, alone, under jit over a sharded
+mesh, and inside a model's train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models
+from models import onednn, ops
+from tests.test_ops import NHWC, assert_same_values_and_gradients
+
+pytestmark = pytest.mark.skipif(
+    not onednn.available(),
+    reason=f"oneDNN is unavailable ({onednn.unavailable_reason()}); `make setup` installs it")
+
+
+def conv_of(op, strides, padding):
+    return lambda x, w: op(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("size,kernel,channels,stride,padding", [
+    (9, 3, (5, 6), 1, ((1, 1), (1, 1))), (10, 3, (4, 5), 2, "SAME"),
+    (16, 7, (3, 8), 2, ((3, 3), (3, 3))), (8, 1, (16, 32), 1, "VALID"),
+    (8, 1, (16, 32), 2, "VALID"), (10, 3, (4, 5), 2, ((0, 1), (0, 1))),
+    (9, 3, (4, 5), (2, 1), ((1, 1), (2, 0)))])
+def test_conv_and_its_gradients_equal_xlas(size, kernel, channels, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, size, size + 1, channels[0])), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, *channels)), jnp.float32)
+    strides = (stride, stride) if isinstance(stride, int) else stride
+    assert_same_values_and_gradients(conv_of(ops.conv_general_dilated, strides, padding),
+                                     conv_of(lax.conv_general_dilated, strides, padding), x, w,
+                                     atol=1e-4)
+
+
+def compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_float32_convolutions_go_to_onednn_on_the_cpu_and_others_do_not():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+    conv = conv_of(ops.conv_general_dilated, (1, 1), "SAME")
+    assert "transferlab_onednn_forward" in compiled_text(conv, x, w)
+    assert "transferlab_onednn" not in compiled_text(conv, x.astype(jnp.bfloat16),
+                                                     w.astype(jnp.bfloat16))
+    with onednn.disabled():  # a new function: jit would reuse the trace of ``conv``
+        assert "transferlab_onednn" not in compiled_text(lambda x, w: conv(x, w), x, w)
+
+
+def test_each_device_convolves_its_shard_of_the_batch():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 6, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    loss = lambda op: lambda x, w: (conv_of(op, (1, 1), "SAME")(x, w) ** 2).sum()
+    grads = jax.grad(loss(ops.conv_general_dilated), (0, 1))
+    text = compiled_text(grads, sharded, w)
+    assert "transferlab_onednn_backward_weights" in text and "all-gather" not in text
+    for ours, theirs in zip(jax.jit(grads)(sharded, w),
+                            jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_resnet_train_step_gradients_equal_xlas():
+    model = models.create("resnet18", num_classes=10)
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+    def grads():
+        def loss(params):
+            logits, _ = model.apply({**variables, "params": params}, images, train=True,
+                                    mutable=["batch_stats"])
+            return jnp.mean(logits ** 2)
+        return jax.jit(jax.grad(loss))(variables["params"])
+    ours = grads()
+    with onednn.disabled():
+        theirs = grads()
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):  # float32 rounding
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()  # through 18 layers of BatchNorm
