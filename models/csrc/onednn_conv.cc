@@ -7,8 +7,9 @@
 //
 // Activations stay in the buffers' NHWC layout; the kernel takes the layout oneDNN
 // prefers, reordered on each call (faster than plain HWIO in every pass measured).
-// Primitives are built once per shape and cached; calls are serialised, each using
-// oneDNN's own (OpenMP) threads.
+// Primitives are built once per shape and cached, each with its own scratchpad (XLA calls
+// from any of its threads, and oneDNN's library scratchpad belongs to a thread); calls are
+// serialised, each using oneDNN's own (OpenMP) threads.
 #include <array>
 #include <cstdint>
 #include <map>
@@ -40,9 +41,15 @@ struct Geometry {
 
 // A primitive operand: the XLA buffer, and where oneDNN wants another layout, its own
 // memory with the reorder between the two.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 struct Operand {
   int arg = 0;
-  memory buffer, internal;
+  memory buffer, internal, scratchpad;
   dnnl::reorder reorder;
   bool reordered = false;
 
@@ -53,7 +60,16 @@ struct Operand {
     reordered = wanted != buffer_md;
     if (!reordered) return;
     internal = memory(wanted, engine);
-    reorder = output ? dnnl::reorder(internal, buffer) : dnnl::reorder(buffer, internal);
+    dnnl::reorder::primitive_desc pd = output
+        ? dnnl::reorder::primitive_desc(internal, buffer, UserScratchpad())
+        : dnnl::reorder::primitive_desc(buffer, internal, UserScratchpad());
+    reorder = dnnl::reorder(pd);
+    scratchpad = memory(pd.scratchpad_desc(), engine);
+  }
+  void Reorder(const dnnl::stream& stream, bool output) {
+    reorder.execute(stream, {{DNNL_ARG_FROM, output ? internal : buffer},
+                             {DNNL_ARG_TO, output ? buffer : internal},
+                             {DNNL_ARG_SCRATCHPAD, scratchpad}});
   }
   memory& used() { return reordered ? internal : buffer; }
 };
@@ -61,6 +77,7 @@ struct Operand {
 struct Primitive {
   dnnl::primitive primitive;
   Operand in0, in1, out;
+  memory scratchpad;
 };
 
 struct State {
@@ -90,35 +107,39 @@ std::unique_ptr<Primitive> Build(Pass pass, const Geometry& g) {
   const memory::desc src_md(src, f32, Tag::nhwc), dst_md(dst, f32, Tag::nhwc);
   const memory::desc w_md(weights, f32, Tag::hwio), w_any(weights, f32, Tag::any);
   const auto algorithm = dnnl::algorithm::convolution_direct;
+  const dnnl::primitive_attr attr = UserScratchpad();
 
   dnnl::convolution_forward::primitive_desc forward(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algorithm, src_md,
                                       w_any, dst_md, strides, pad_lo, pad_hi),
-      s.engine);
+      attr, s.engine);
   auto p = std::make_unique<Primitive>();
   if (fwd) {
     p->primitive = dnnl::convolution_forward(forward);
     p->in0.Set(DNNL_ARG_SRC, src_md, forward.src_desc(), false, s.engine);
     p->in1.Set(DNNL_ARG_WEIGHTS, w_md, forward.weights_desc(), false, s.engine);
     p->out.Set(DNNL_ARG_DST, dst_md, forward.dst_desc(), true, s.engine);
+    p->scratchpad = memory(forward.scratchpad_desc(), s.engine);
   } else if (data) {
     dnnl::convolution_backward_data::primitive_desc pd(
         dnnl::convolution_backward_data::desc(algorithm, src_md, w_any, dst_md, strides, pad_lo,
                                               pad_hi),
-        s.engine, forward);
+        attr, s.engine, forward);
     p->primitive = dnnl::convolution_backward_data(pd);
     p->in0.Set(DNNL_ARG_DIFF_DST, dst_md, pd.diff_dst_desc(), false, s.engine);
     p->in1.Set(DNNL_ARG_WEIGHTS, w_md, pd.weights_desc(), false, s.engine);
     p->out.Set(DNNL_ARG_DIFF_SRC, src_md, pd.diff_src_desc(), true, s.engine);
+    p->scratchpad = memory(pd.scratchpad_desc(), s.engine);
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         dnnl::convolution_backward_weights::desc(algorithm, src_md, w_any, dst_md, strides,
                                                  pad_lo, pad_hi),
-        s.engine, forward);
+        attr, s.engine, forward);
     p->primitive = dnnl::convolution_backward_weights(pd);
     p->in0.Set(DNNL_ARG_SRC, src_md, pd.src_desc(), false, s.engine);
     p->in1.Set(DNNL_ARG_DIFF_DST, dst_md, pd.diff_dst_desc(), false, s.engine);
     p->out.Set(DNNL_ARG_DIFF_WEIGHTS, w_md, pd.diff_weights_desc(), true, s.engine);
+    p->scratchpad = memory(pd.scratchpad_desc(), s.engine);
   }
   return p;
 }
@@ -145,12 +166,13 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     p.in1.buffer.set_data_handle(b.typed_data());
     p.out.buffer.set_data_handle(out->typed_data());
     for (Operand* in : {&p.in0, &p.in1}) {
-      if (in->reordered) in->reorder.execute(s.stream, in->buffer, in->internal);
+      if (in->reordered) in->Reorder(s.stream, false);
     }
     p.primitive.execute(s.stream, {{p.in0.arg, p.in0.used()},
                                    {p.in1.arg, p.in1.used()},
-                                   {p.out.arg, p.out.used()}});
-    if (p.out.reordered) p.out.reorder.execute(s.stream, p.out.internal, p.out.buffer);
+                                   {p.out.arg, p.out.used()},
+                                   {DNNL_ARG_SCRATCHPAD, p.scratchpad}});
+    if (p.out.reordered) p.out.Reorder(s.stream, true);
     s.stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
