@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
@@ -58,11 +59,11 @@ def unavailable_reason() -> str | None:
 def disabled():
     """Convolutions traced inside do not go to oneDNN (for ``cost_analysis`` flops). A
     function ``jit`` traced before keeps its trace: trace a new one."""
-    _disabled_while_tracing[0] = True
+    before, _disabled_while_tracing[0] = _disabled_while_tracing[0], True
     try:
         yield
     finally:
-        _disabled_while_tracing[0] = False
+        _disabled_while_tracing[0] = before
 
 
 def library_path() -> Path:
@@ -98,6 +99,7 @@ def _library():
         library = ctypes.CDLL(str(build()))
     except OSError as e:
         _library.reason = str(e)
+        logging.warning("CPU convolutions stay XLA's (slower): %s", e)
         return None
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f"transferlab_onednn_{name}",

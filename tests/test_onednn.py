@@ -12,15 +12,24 @@ import models
 from models import onednn, ops
 from tests.test_ops import NHWC, assert_same_values_and_gradients
 
-pytestmark = pytest.mark.skipif(
+needs_onednn = pytest.mark.skipif(
     not onednn.available(),
     reason=f"oneDNN is unavailable ({onednn.unavailable_reason()}); `make setup` installs it")
+
+
+def test_missing_onednn_headers_are_named_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(onednn, "HEADER", tmp_path / "absent" / "dnnl.hpp")
+    with pytest.raises(OSError, match="libdnnl-dev"):
+        onednn.build()
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def conv_of(op, strides, padding):
     return lambda x, w: op(x, w, strides, padding, dimension_numbers=NHWC)
 
 
+@needs_onednn
 @pytest.mark.parametrize("size,kernel,channels,stride,padding", [
     (9, 3, (5, 6), 1, ((1, 1), (1, 1))), (10, 3, (4, 5), 2, "SAME"),
     (16, 7, (3, 8), 2, ((3, 3), (3, 3))), (8, 1, (16, 32), 1, "VALID"),
@@ -40,6 +49,7 @@ def compiled_text(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
+@needs_onednn
 def test_float32_convolutions_go_to_onednn_on_the_cpu_and_others_do_not():
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
     conv = conv_of(ops.conv_general_dilated, (1, 1), "SAME")
@@ -50,6 +60,7 @@ def test_float32_convolutions_go_to_onednn_on_the_cpu_and_others_do_not():
         assert "transferlab_onednn" not in compiled_text(lambda x, w: conv(x, w), x, w)
 
 
+@needs_onednn
 def test_each_device_convolves_its_shard_of_the_batch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 6, 6, 3)), jnp.float32)
@@ -65,6 +76,7 @@ def test_each_device_convolves_its_shard_of_the_batch():
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
+@needs_onednn
 def test_resnet_train_step_gradients_equal_xlas():
     model = models.create("resnet18", num_classes=10)
     variables = models.init_variables(model, jax.random.key(0), 32)
