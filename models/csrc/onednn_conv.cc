@@ -98,7 +98,7 @@ memory::dims Oihw(const Dims4& hwio) { return {hwio[3], hwio[2], hwio[0], hwio[1
 std::unique_ptr<Primitive> Build(Pass pass, const Geometry& g) {
   State& s = state();
   const bool fwd = pass == Pass::kForward, data = pass == Pass::kBackwardData;
-  const memory::dims src = Nchw(fwd ? g.a : pass == Pass::kBackwardWeights ? g.a : g.out);
+  const memory::dims src = Nchw(data ? g.out : g.a);
   const memory::dims dst = Nchw(fwd ? g.out : data ? g.a : g.b);
   const memory::dims weights = Oihw(pass == Pass::kBackwardWeights ? g.out : g.b);
   const memory::dims strides = {g.window[0], g.window[1]};
