@@ -2,7 +2,7 @@
 
 XLA:CPU computes a convolution's kernel gradient 1.5–3× slower than oneDNN, and strided
 convolutions' input gradient up to 2.6× slower. ``conv`` runs all three passes of a float32
-NHWC convolution (groups 1, no dilation) with oneDNN's primitives instead, through the handlers
+NHWC convolution (any groups, depthwise too; no dilation) with oneDNN's primitives instead, through the handlers
 in ``csrc/onednn_conv.cc``, built on first use with g++ against Debian's ``libdnnl-dev``
 (``make setup`` installs it as root) and jaxlib's FFI headers, and cached in
 ``~/.cache/transferlab``. Under ``jit`` over a device mesh each device convolves its own shard
@@ -107,13 +107,13 @@ def _library():
     return library
 
 
-def _call(name: str, out_shape, a, b, strides, pads: Pads):
+def _call(name: str, a, b, out_shape, strides, pads: Pads, groups: int):
     (top, bottom), (left, right) = pads
     out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
     return jax.ffi.ffi_call(f"transferlab_onednn_{name}", out, vmap_method="sequential")(
         a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-        pad_right=np.int64(right))
+        pad_right=np.int64(right), groups=np.int64(groups))
 
 
 def _output_shape(x_shape, w_shape, strides, pads: Pads):
@@ -133,60 +133,59 @@ def _non_batch_factors(rule: str) -> tuple[str, ...]:
 
 
 def _batch_parallel(rule: str, local_fn, batch_in_output: bool):
-    """``local_fn(a, b, out_shape, strides, pads)`` partitioned over the batch (first) axis:
+    """``local_fn(a, b, out_shape, strides, pads, groups)`` partitioned over the batch (first) axis:
     each device runs it on its shard of ``a`` (and of ``b`` when the result has no batch
     axis, which is then summed over the devices); ``b`` is otherwise replicated."""
-    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-    def fn(a, b, out_shape, strides, pads):
-        return local_fn(a, b, out_shape, strides, pads)
+    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4, 5))
+    def fn(a, b, out_shape, strides, pads, groups):
+        return local_fn(a, b, out_shape, strides, pads, groups)
 
     def output_sharding(mesh, arg_shapes):
         return NamedSharding(mesh, P(_batch_axis(arg_shapes[0]) if batch_in_output else None))
 
-    def partition(out_shape, strides, pads, mesh, arg_shapes, result_shape):
+    def partition(out_shape, strides, pads, groups, mesh, arg_shapes, result_shape):
         batch = _batch_axis(arg_shapes[0])
         sharded, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
         operands = (sharded, replicated if batch_in_output else sharded)
 
         def lower(a, b):
             shape = (a.shape[0], *out_shape[1:]) if batch_in_output else out_shape
-            out = local_fn(a, b, shape, strides, pads)
+            out = local_fn(a, b, shape, strides, pads, groups)
             return out if batch_in_output or batch is None else jax.lax.psum(out, batch)
         return mesh, lower, output_sharding(mesh, arg_shapes), operands
 
     fn.def_partition(
-        infer_sharding_from_operands=lambda *a: output_sharding(a[3], a[4]),
+        infer_sharding_from_operands=lambda *a: output_sharding(a[4], a[5]),
         partition=partition, sharding_rule=rule,
         reduction_factors=() if batch_in_output else ("b",),
         need_replication_factors=_non_batch_factors(rule))
     return fn
 
 
-_forward = _batch_parallel("b h w c, k l c o -> b i j o",
-                           lambda x, w, shape, s, p: _call("forward", shape, x, w, s, p), True)
-_backward_data = _batch_parallel(
-    "b i j o, k l c o -> b h w c",
-    lambda dy, w, shape, s, p: _call("backward_data", shape, dy, w, s, p), True)
-_backward_weights = _batch_parallel(
-    "b h w c, b i j o -> k l c o",
-    lambda x, dy, shape, s, p: _call("backward_weights", shape, x, dy, s, p), False)
+# The kernel's input channels (d) are those of one group: c / groups.
+_forward = _batch_parallel("b h w c, k l d o -> b i j o", functools.partial(_call, "forward"), True)
+_backward_data = _batch_parallel("b i j o, k l d o -> b h w c",
+                                 functools.partial(_call, "backward_data"), True)
+_backward_weights = _batch_parallel("b h w c, b i j o -> k l d o",
+                                    functools.partial(_call, "backward_weights"), False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x, w, strides: tuple[int, int], pads: Pads):
-    """Convolution of float32 NHWC ``x`` with an HWIO kernel ``w`` (groups 1, no dilation),
-    ``pads`` explicit ((top, bottom), (left, right)): ``lax.conv_general_dilated``'s values."""
-    return _forward(x, w, _output_shape(x.shape, w.shape, strides, pads), strides, pads)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x, w, strides: tuple[int, int], pads: Pads, groups: int = 1):
+    """Convolution of float32 NHWC ``x`` with an HWIO kernel ``w`` (no dilation), ``pads``
+    explicit ((top, bottom), (left, right)), ``groups`` its ``feature_group_count``:
+    ``lax.conv_general_dilated``'s values."""
+    return _forward(x, w, _output_shape(x.shape, w.shape, strides, pads), strides, pads, groups)
 
 
-def _conv_forward(x, w, strides, pads):
-    return conv(x, w, strides, pads), (x, w)
+def _conv_forward(x, w, strides, pads, groups):
+    return conv(x, w, strides, pads, groups), (x, w)
 
 
-def _conv_backward(strides, pads, residuals, dy):
+def _conv_backward(strides, pads, groups, residuals, dy):
     x, w = residuals
-    return (_backward_data(dy, w, x.shape, strides, pads),
-            _backward_weights(x, dy, w.shape, strides, pads))
+    return (_backward_data(dy, w, x.shape, strides, pads, groups),
+            _backward_weights(x, dy, w.shape, strides, pads, groups))
 
 
 conv.defvjp(_conv_forward, _conv_backward)

@@ -1,8 +1,8 @@
 """Formulations of convolutions, products, max pooling and batch norm that XLA runs fast.
 
-Float32 convolutions (groups 1) run on the CPU through oneDNN's kernels where the library is
+Float32 convolutions (any groups) run on the CPU through oneDNN's kernels where the library is
 available (``models.onednn``): all three passes, the kernel gradient 1.5–3× faster than XLA's.
-The formulations below serve the rest (depthwise, other dtypes, or no oneDNN).
+The formulations below serve the rest (other dtypes, or no oneDNN).
 
 XLA lowers a depthwise convolution (``feature_group_count`` = channels) on the CPU to a
 generic grouped convolution: 10–60× slower than PyTorch's, forward and backward. Written as a
@@ -34,7 +34,8 @@ The others apply on the CPU backend only (``lax.platform_dependent``): GPUs and 
 XLA's own lowering. The values are those of ``lax.conv_general_dilated``, ``lax.dot_general``,
 ``jax.nn.dot_product_attention`` and ``lax.reduce_window``.
 
-``set_cpu_defaults`` adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` when ``models`` is imported.
+``set_cpu_defaults`` adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` when ``models`` is imported. The
+scripts also start with huge pages for large buffers (``scripts.common.CPU_GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
     """``lax.conv_general_dilated`` (the ``conv_general_dilated`` of Flax's ``nn.Conv``); on the
-    CPU, NHWC convolutions run as oneDNN's (float32, groups 1), depthwise ones as tap sums, and
+    CPU, NHWC convolutions run as oneDNN's (float32), otherwise depthwise ones as tap sums, and
     otherwise 1×1 ones as matrix products and strided ones with a phase-split input gradient."""
     conv = functools.partial(
         lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -87,11 +88,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              and preferred_element_type in (None, lhs.dtype))
     strides = tuple(window_strides)
     pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides) if plain else None
-    if plain and feature_group_count == lhs.shape[3] == rhs.shape[3] > 1 and rhs.shape[2] == 1:
+    if plain and lhs.dtype == rhs.dtype == jnp.float32 and onednn.enabled():
+        cpu = lambda x, w: onednn.conv(x, w, strides, pads, feature_group_count)
+    elif plain and feature_group_count == lhs.shape[3] == rhs.shape[3] > 1 and rhs.shape[2] == 1:
         cpu = lambda x, w: depthwise_conv(x, w, strides, pads)
-    elif (plain and feature_group_count == 1 and lhs.dtype == rhs.dtype == jnp.float32
-          and onednn.enabled()):
-        cpu = lambda x, w: onednn.conv(x, w, strides, pads)
     elif plain and feature_group_count == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0),) * 2:
         cpu = lambda x, w: pointwise_conv(x, w, strides)
     elif plain and feature_group_count == 1 and strides != (1, 1):

@@ -185,11 +185,17 @@ MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_pr
 
 # --- driver ------------------------------------------------------------------------------
 
-def measure(name: str, **kwargs) -> dict:
-    """Run one measurement in a fresh subprocess and return its result."""
+def measure(name: str, glibc_defaults: bool = False, **kwargs) -> dict:
+    """Run one measurement in a fresh subprocess and return its result; ``glibc_defaults``
+    runs it without the project's glibc tunables (``common.CPU_GLIBC_TUNABLES``)."""
+    env = dict(os.environ)
+    if glibc_defaults:
+        tunables = env.get("GLIBC_TUNABLES", "").split(":")
+        env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t != common.CPU_GLIBC_TUNABLES)
+        env["TRANSFERLAB_HUGE_PAGES"] = "0"
     done = subprocess.run([sys.executable, "-m", "scripts.bench", "--one",
                            json.dumps({"name": name, **kwargs})],
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True)
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{name}{kwargs} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -209,9 +215,12 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
         for kind in ("train", "inference"):
             ours = measure(f"ours_{kind}", model=model, batch=batch, size=size, steps=steps)
             peer = measure(f"peer_{kind}", model=model, batch=batch, size=size, steps=steps)
+            as_shipped = measure(f"peer_{kind}", glibc_defaults=True, model=model, batch=batch,
+                                 size=size, steps=steps)
             record(model, f"{kind} step", ours["img_s"], peer["img_s"],
                    compile_s=ours["compile_s"], peak_mb=ours["peak_mb"],
-                   peer_peak_mb=peer["peak_mb"])
+                   peer_peak_mb=peer["peak_mb"], peer_glibc_defaults=as_shipped["img_s"],
+                   ratio_to_peer_glibc_defaults=ours["img_s"] / as_shipped["img_s"])
     blocks = experiment_blocks(freeze_model)
     full = None
     for depth in range(len(blocks)):
@@ -239,7 +248,8 @@ def environment() -> dict:
     env = dict(date=datetime.date.today().isoformat(), machine=platform.machine(),
                processor=platform.processor() or platform.machine(), cores=os.cpu_count(),
                python=platform.python_version(), jax=jax.__version__,
-               xla_flags=os.environ.get("XLA_FLAGS", ""), torch_threads=TORCH_THREADS)
+               xla_flags=os.environ.get("XLA_FLAGS", ""),
+               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), torch_threads=TORCH_THREADS)
     try:
         import torch
         env["torch"] = torch.__version__
@@ -260,7 +270,8 @@ def markdown(records: list[dict], env: dict, args) -> str:
              f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
              f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
              f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps; "
-             f"XLA_FLAGS `{env['xla_flags']}`.", "",
+             f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}` for both "
+             "(`peer_glibc_defaults`: PyTorch without it).", "",
              "| model | measurement | ours | PyTorch | ratio | notes |",
              "|---|---|---|---|---|---|"]
     for r in records:

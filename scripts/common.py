@@ -1,11 +1,44 @@
-"""Shared command-line set-up: CPU performance flags, multi-host start-up, clean errors."""
+"""Shared command-line set-up: CPU performance defaults, multi-host start-up, clean errors."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from models.ops import set_cpu_defaults  # noqa: F401  (the scripts call it before JAX starts)
+# glibc's malloc maps each large buffer afresh (and unmaps it when freed), and Linux faults it
+# in 4 KiB at a time: a MobileNetV2 train step (batch 16, 224²) takes 317,000 page faults, half
+# of its CPU time in the kernel. With transparent huge pages on malloc's own mappings it takes
+# 800, and runs 1.6× faster. glibc reads its tunables once, at start-up.
+CPU_GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
+
+
+def with_cpu_glibc_tunables(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``CPU_GLIBC_TUNABLES`` added to its GLIBC_TUNABLES, unless the setting is
+    there already, the C library is not glibc 2.35 or newer, or TRANSFERLAB_HUGE_PAGES=0."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables or env.get("TRANSFERLAB_HUGE_PAGES") == "0":
+        return env
+    library, _, version = _libc_version().partition(" ")
+    if library != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+        return env
+    return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, CPU_GLIBC_TUNABLES)))}
+
+
+def _libc_version() -> str:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        return ""
+
+
+def set_cpu_defaults() -> None:
+    """The project's CPU defaults, set before JAX starts: glibc's tunables (for which the
+    script starts again, same arguments, when they are missing) and XLA's flags."""
+    env = with_cpu_glibc_tunables(dict(os.environ))
+    if env != os.environ:
+        os.execve(sys.executable, sys.orig_argv, env)
+    from models import ops
+    ops.set_cpu_defaults()
 
 
 def config_and_workdir_args(description: str):

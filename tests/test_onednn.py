@@ -45,6 +45,25 @@ def test_conv_and_its_gradients_equal_xlas(size, kernel, channels, stride, paddi
                                      atol=1e-4)
 
 
+@needs_onednn
+@pytest.mark.parametrize("size,kernel,channels,groups,stride,padding", [
+    (9, 3, (6, 6), 6, 1, ((1, 1), (1, 1))), (10, 5, (8, 8), 8, 2, "SAME"),
+    (11, 3, (4, 8), 4, 2, ((0, 1), (0, 1))), (8, 3, (6, 9), 3, 1, "SAME")])
+def test_grouped_conv_and_its_gradients_equal_xlas(size, kernel, channels, groups, stride,
+                                                   padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, size, size, channels[0])), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, channels[0] // groups, channels[1])),
+                    jnp.float32)
+
+    def conv(op):
+        return lambda x, w: op(x, w, (stride, stride), padding, dimension_numbers=NHWC,
+                               feature_group_count=groups)
+    assert "transferlab_onednn_forward" in compiled_text(conv(ops.conv_general_dilated), x, w)
+    assert_same_values_and_gradients(conv(ops.conv_general_dilated),
+                                     conv(lax.conv_general_dilated), x, w, atol=1e-4)
+
+
 def compiled_text(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 

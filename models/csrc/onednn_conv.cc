@@ -1,5 +1,6 @@
-// oneDNN convolutions as XLA FFI handlers: float32, NHWC activations, HWIO kernels,
-// groups 1, no dilation, any strides and explicit (asymmetric) padding.
+// oneDNN convolutions as XLA FFI handlers: float32, NHWC activations, HWIO kernels (I the
+// input channels of a group), any groups (depthwise too), strides and explicit (asymmetric)
+// padding, no dilation.
 //
 //   OnednnConvForward        x[N,H,W,I], w[KH,KW,I,O]  -> y[N,OH,OW,O]
 //   OnednnConvBackwardData   dy[N,OH,OW,O], w          -> dx[N,H,W,I]
@@ -33,7 +34,8 @@ enum class Pass { kForward, kBackwardData, kBackwardWeights };
 
 struct Geometry {
   Dims4 a, b, out;  // the handler's two operands and its result, as XLA lays them out
-  std::array<int64_t, 6> window;  // stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right
+  // stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups
+  std::array<int64_t, 7> window;
   bool operator<(const Geometry& o) const {
     return std::tie(a, b, out, window) < std::tie(o.a, o.b, o.out, o.window);
   }
@@ -93,19 +95,26 @@ State& state() {
 }
 
 memory::dims Nchw(const Dims4& nhwc) { return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]}; }
-memory::dims Oihw(const Dims4& hwio) { return {hwio[3], hwio[2], hwio[0], hwio[1]}; }
+// oneDNN's weights dimensions: (O, I, KH, KW), or (G, O / G, I, KH, KW) for groups > 1, which
+// an HWIO buffer lays out as hwigo.
+memory::dims WeightDims(const Dims4& hwio, int64_t groups) {
+  if (groups == 1) return {hwio[3], hwio[2], hwio[0], hwio[1]};
+  return {groups, hwio[3] / groups, hwio[2], hwio[0], hwio[1]};
+}
 
 std::unique_ptr<Primitive> Build(Pass pass, const Geometry& g) {
   State& s = state();
   const bool fwd = pass == Pass::kForward, data = pass == Pass::kBackwardData;
   const memory::dims src = Nchw(data ? g.out : g.a);
   const memory::dims dst = Nchw(fwd ? g.out : data ? g.a : g.b);
-  const memory::dims weights = Oihw(pass == Pass::kBackwardWeights ? g.out : g.b);
+  const int64_t groups = g.window[6];
+  const memory::dims weights = WeightDims(pass == Pass::kBackwardWeights ? g.out : g.b, groups);
   const memory::dims strides = {g.window[0], g.window[1]};
   const memory::dims pad_lo = {g.window[2], g.window[4]}, pad_hi = {g.window[3], g.window[5]};
   const auto f32 = memory::data_type::f32;
   const memory::desc src_md(src, f32, Tag::nhwc), dst_md(dst, f32, Tag::nhwc);
-  const memory::desc w_md(weights, f32, Tag::hwio), w_any(weights, f32, Tag::any);
+  const memory::desc w_md(weights, f32, groups == 1 ? Tag::hwio : Tag::hwigo);
+  const memory::desc w_any(weights, f32, Tag::any);
   const auto algorithm = dnnl::algorithm::convolution_direct;
   const dnnl::primitive_attr attr = UserScratchpad();
 
@@ -148,13 +157,14 @@ Dims4 DimsOf(ffi::Span<const int64_t> d) { return {d[0], d[1], d[2], d[3]}; }
 
 ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                ffi::ResultBuffer<ffi::F32> out, int64_t stride_h, int64_t stride_w,
-               int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+               int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+               int64_t groups) {
   if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
       out->dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("oneDNN convolution: operands must have rank 4");
   }
   const Geometry g{DimsOf(a.dimensions()), DimsOf(b.dimensions()), DimsOf(out->dimensions()),
-                   {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}};
+                   {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups}};
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
   try {
@@ -183,8 +193,10 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 template <Pass kPass>
 ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                    ffi::ResultBuffer<ffi::F32> out, int64_t stride_h, int64_t stride_w,
-                   int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  return Run(kPass, a, b, out, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right);
+                   int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                   int64_t groups) {
+  return Run(kPass, a, b, out, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
+             groups);
 }
 
 }  // namespace
@@ -199,7 +211,8 @@ ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       .Attr<int64_t>("pad_top")        \
       .Attr<int64_t>("pad_bottom")     \
       .Attr<int64_t>("pad_left")       \
-      .Attr<int64_t>("pad_right")
+      .Attr<int64_t>("pad_right")      \
+      .Attr<int64_t>("groups")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Handler<Pass::kForward>, ONEDNN_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, Handler<Pass::kBackwardData>,
