@@ -19,6 +19,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -38,13 +39,34 @@ def peak_mb() -> float:
 
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
-    """Seconds per call of ``fn`` (which blocks until its result is ready)."""
+    """Seconds per call of ``fn`` (which blocks until its result is ready): the median call,
+    which a neighbour's burst on a shared machine moves less than the mean."""
     for _ in range(warmup):
         fn()
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / steps
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+MATMUL = 1024  # the side of the square float32 products that measure the machine's peak
+
+
+def ours_matmul(steps: int) -> dict:
+    import jax
+    a = jax.random.normal(jax.random.key(0), (MATMUL, MATMUL))
+    product = jax.jit(lambda a: a @ a)
+    return dict(gflop_s=2 * MATMUL ** 3 / timed(lambda: product(a).block_until_ready(), steps)
+                / 1e9)
+
+
+def peer_matmul(steps: int) -> dict:
+    import torch
+    torch.set_num_threads(TORCH_THREADS)
+    a = torch.randn(MATMUL, MATMUL)
+    return dict(gflop_s=2 * MATMUL ** 3 / timed(lambda: a @ a, steps) / 1e9)
 
 
 # --- ours --------------------------------------------------------------------------------
@@ -179,8 +201,8 @@ def peer_inference(model: str, batch: int, size: int, steps: int) -> dict:
 
 
 MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_probe": ours_probe,
-            "ours_pipeline": ours_pipeline, "peer_train": peer_train,
-            "peer_inference": peer_inference}
+            "ours_pipeline": ours_pipeline, "ours_matmul": ours_matmul, "peer_train": peer_train,
+            "peer_inference": peer_inference, "peer_matmul": peer_matmul}
 
 
 # --- driver ------------------------------------------------------------------------------
@@ -211,16 +233,22 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
         log(f"{model:>16} {what:<28} ours {ours:10.2f} {unit}"
             + (f"  peer {peer:10.2f}  ratio {rec['ratio']:.2f}" if peer else ""))
 
+    peak = [measure(f"{who}_matmul", steps=10 * steps)["gflop_s"] for who in ("ours", "peer")]
+    record("machine", f"float32 matmul {MATMUL}³", *peak, unit="GFLOP/s")
     for model in models:
         for kind in ("train", "inference"):
             ours = measure(f"ours_{kind}", model=model, batch=batch, size=size, steps=steps)
             peer = measure(f"peer_{kind}", model=model, batch=batch, size=size, steps=steps)
             as_shipped = measure(f"peer_{kind}", glibc_defaults=True, model=model, batch=batch,
                                  size=size, steps=steps)
+            bound = {} if kind == "inference" else dict(
+                peak_bound=max(peak) * 1e9 * batch / ours["flops"],
+                ours_of_bound=ours["img_s"] * ours["flops"] / batch / (max(peak) * 1e9),
+                peer_of_bound=peer["img_s"] * ours["flops"] / batch / (max(peak) * 1e9))
             record(model, f"{kind} step", ours["img_s"], peer["img_s"],
                    compile_s=ours["compile_s"], peak_mb=ours["peak_mb"],
                    peer_peak_mb=peer["peak_mb"], peer_glibc_defaults=as_shipped["img_s"],
-                   ratio_to_peer_glibc_defaults=ours["img_s"] / as_shipped["img_s"])
+                   ratio_to_peer_glibc_defaults=ours["img_s"] / as_shipped["img_s"], **bound)
     blocks = experiment_blocks(freeze_model)
     full = None
     for depth in range(len(blocks)):
