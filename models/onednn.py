@@ -2,9 +2,9 @@
 
 XLA:CPU computes a convolution's kernel gradient 1.5–3× slower than oneDNN, and strided
 convolutions' input gradient up to 2.6× slower. ``conv`` runs all three passes of a float32
-NHWC convolution (any groups, depthwise too; no dilation) with oneDNN's primitives instead, through the handlers
-in ``csrc/onednn_conv.cc``, built on first use with g++ against Debian's ``libdnnl-dev``
-(``make setup`` installs it as root) and jaxlib's FFI headers, and cached in
+NHWC convolution (any groups, depthwise too; no dilation) with oneDNN's primitives instead,
+through the handlers in ``csrc/onednn_conv.cc``, built on first use with g++ against Debian's
+``libdnnl-dev`` (``make setup`` installs it as root) and jaxlib's FFI headers, and cached in
 ``~/.cache/transferlab``. Under ``jit`` over a device mesh each device convolves its own shard
 of the batch (``custom_partitioning``), and the kernel gradient is summed over the batch axis.
 
