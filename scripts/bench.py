@@ -241,10 +241,12 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
             peer = measure(f"peer_{kind}", model=model, batch=batch, size=size, steps=steps)
             as_shipped = measure(f"peer_{kind}", glibc_defaults=True, model=model, batch=batch,
                                  size=size, steps=steps)
-            bound = {} if kind == "inference" else dict(
-                peak_bound=max(peak) * 1e9 * batch / ours["flops"],
-                ours_of_bound=ours["img_s"] * ours["flops"] / batch / (max(peak) * 1e9),
-                peer_of_bound=peer["img_s"] * ours["flops"] / batch / (max(peak) * 1e9))
+            if kind == "train":  # img/s if the step's flops ran at the matmul rate
+                limit = max(peak) * 1e9 * batch / ours["flops"]
+                bound = dict(peak_bound=limit, ours_of_bound=ours["img_s"] / limit,
+                             peer_of_bound=peer["img_s"] / limit)
+            else:
+                bound = {}
             record(model, f"{kind} step", ours["img_s"], peer["img_s"],
                    compile_s=ours["compile_s"], peak_mb=ours["peak_mb"],
                    peer_peak_mb=peer["peak_mb"], peer_glibc_defaults=as_shipped["img_s"],

@@ -16,19 +16,24 @@ def with_cpu_glibc_tunables(env: dict[str, str]) -> dict[str, str]:
     """``env`` with ``CPU_GLIBC_TUNABLES`` added to its GLIBC_TUNABLES, unless the setting is
     there already, the C library is not glibc 2.35 or newer, or TRANSFERLAB_HUGE_PAGES=0."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or env.get("TRANSFERLAB_HUGE_PAGES") == "0":
-        return env
-    library, _, version = _libc_version().partition(" ")
-    if library != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+    if ("glibc.malloc.hugetlb" in tunables or env.get("TRANSFERLAB_HUGE_PAGES") == "0"
+            or not glibc_has_hugetlb()):
         return env
     return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, CPU_GLIBC_TUNABLES)))}
 
 
-def _libc_version() -> str:
+def libc_version() -> str:
+    """The C library's name and version ("glibc 2.36"), or "" where it does not say."""
     try:
         return os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError, AttributeError):
         return ""
+
+
+def glibc_has_hugetlb() -> bool:
+    """Whether the C library is glibc 2.35 or newer, which has the hugetlb tunable."""
+    library, _, version = libc_version().partition(" ")
+    return library == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
 
 
 def set_cpu_defaults() -> None:

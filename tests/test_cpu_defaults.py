@@ -10,10 +10,9 @@ import pytest
 from scripts import common
 
 ROOT = Path(__file__).resolve().parents[1]
-GLIBC = os.confstr("CS_GNU_LIBC_VERSION") or ""
 needs_glibc = pytest.mark.skipif(
-    not GLIBC.startswith("glibc ") or tuple(map(int, GLIBC.split()[1].split(".")[:2])) < (2, 35),
-    reason=f"glibc 2.35 or newer has the hugetlb tunable; this is {GLIBC or 'another C library'}")
+    not common.glibc_has_hugetlb(), reason="glibc 2.35 or newer has the hugetlb tunable; this is "
+    f"{common.libc_version() or 'another C library'}")
 
 
 @needs_glibc

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from models import onednn, ops
-from tests.test_ops import NHWC, assert_same_values_and_gradients
+from tests.test_ops import NHWC, assert_same_values_and_gradients, grouped_conv
 
 needs_onednn = pytest.mark.skipif(
     not onednn.available(),
@@ -55,10 +55,7 @@ def test_grouped_conv_and_its_gradients_equal_xlas(size, kernel, channels, group
     x = jnp.asarray(rng.standard_normal((3, size, size, channels[0])), jnp.float32)
     w = jnp.asarray(rng.standard_normal((kernel, kernel, channels[0] // groups, channels[1])),
                     jnp.float32)
-
-    def conv(op):
-        return lambda x, w: op(x, w, (stride, stride), padding, dimension_numbers=NHWC,
-                               feature_group_count=groups)
+    conv = lambda op: grouped_conv(op, (stride, stride), padding, groups)
     assert "transferlab_onednn_forward" in compiled_text(conv(ops.conv_general_dilated), x, w)
     assert_same_values_and_gradients(conv(ops.conv_general_dilated),
                                      conv(lax.conv_general_dilated), x, w, atol=1e-4)
