@@ -61,6 +61,34 @@ def test_grouped_conv_and_its_gradients_equal_xlas(size, kernel, channels, group
                                      conv(lax.conv_general_dilated), x, w, atol=1e-4)
 
 
+@needs_onednn
+def test_3x3_stride_1_convolutions_run_winograd_with_xlas_values_and_gradients():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 14, 14, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 32, 48)) / np.sqrt(9 * 32), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((4, 14, 14, 48)), jnp.float32)
+
+    def values_and_gradients(op):
+        y, pullback = jax.vjp(conv_of(op, (1, 1), "SAME"), x, w)
+        return (y, *pullback(g))
+    ours = jax.jit(lambda: values_and_gradients(ops.conv_general_dilated))()
+    for got, expected in zip(ours, values_and_gradients(lax.conv_general_dilated)):
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    winograd = {p for p, kernel in onednn.implementations() if "wino" in kernel}
+    assert winograd == {"forward", "backward_data", "backward_weights"}
+
+
+@needs_onednn
+def test_winograd_is_asked_for_3x3_stride_1_only_and_can_be_turned_off(monkeypatch):
+    x = jnp.ones((2, 8, 8, 16))
+    asked = lambda kernel, stride: "winograd = 1" in compiled_text(
+        lambda x, w: conv_of(ops.conv_general_dilated, (stride, stride), "SAME")(x, w),
+        x, jnp.ones((kernel, kernel, 16, 16)))
+    assert asked(3, 1) and not asked(3, 2) and not asked(1, 1) and not asked(5, 1)
+    monkeypatch.setenv("TRANSFERLAB_ONEDNN_WINOGRAD", "0")
+    assert not asked(3, 1)
+
+
 def compiled_text(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 
