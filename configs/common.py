@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.freeze = ml_collections.ConfigDict()
     c.freeze.depth = 0  # freeze the first n of model.blocks
     c.freeze.regex = ()  # and every parameter whose path matches one of these in full
+    c.freeze.cache_prefix = False  # compute the frozen prefix once per example, train on it
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # sgd or adamw

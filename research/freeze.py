@@ -103,12 +103,13 @@ def _paths_matching(paths: Sequence[str], pattern: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def frozen_behaviour(plan: FreezePlan):
+def frozen_behaviour(plan: FreezePlan, prefix_output=None):
     """While tracing the model: frozen BatchNorm uses running statistics (and leaves them
-    unchanged), and the output of the frozen prefix carries no gradient."""
+    unchanged), and the output of the frozen prefix carries no gradient. Given
+    ``prefix_output`` (its cached value), the frozen prefix is not computed: its last block
+    returns that, and XLA drops the blocks before it, whose outputs nothing reads then."""
     frozen_modules = plan.frozen_modules
-    prefix = set(plan.frozen_prefix)
-    last_of_prefix = plan.frozen_prefix[-1] if prefix else None
+    last_of_prefix = plan.frozen_prefix[-1] if plan.frozen_prefix else None
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -117,10 +118,10 @@ def frozen_behaviour(plan: FreezePlan):
         path = "/".join(module.path)
         if isinstance(module, nn.BatchNorm) and path in frozen_modules:
             return _batch_norm_with_running_statistics(module, args[0])
-        out = next_fun(*args, **kwargs)
-        if path == last_of_prefix:
-            out = jax.tree.map(jax.lax.stop_gradient, out)
-        return out
+        if path != last_of_prefix:
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs) if prefix_output is None else prefix_output
+        return jax.tree.map(jax.lax.stop_gradient, out)
 
     with nn.intercept_methods(interceptor):
         yield

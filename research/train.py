@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 import models
 from models import onednn
-from research import checkpoints, data, freeze, optim, preprocess, pretrained, tree
+from research import (checkpoints, data, freeze, optim, prefix_cache, preprocess, pretrained,
+                      tree)
 from research.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -156,8 +157,9 @@ def loss_and_metrics(logits, labels, label_smoothing: float = 0.0):
     return losses, correct
 
 
-def make_train_step(exp: Experiment) -> Callable:
-    """``(state, images, labels) → (state, metrics)``, jit-compiled over the mesh.
+def make_train_step(exp: Experiment, cache: prefix_cache.PrefixCache | None = None) -> Callable:
+    """``(state, images, labels) → (state, metrics)``, jit-compiled over the mesh; with a
+    ``cache``, ``images`` are the frozen prefix's outputs.
 
     Only trainable parameters are differentiated; the optimizer sees zeros (constants, never
     computed) for frozen ones, and frozen parameters are passed through untouched.
@@ -167,11 +169,12 @@ def make_train_step(exp: Experiment) -> Callable:
 
     def loss_fn(trainable, frozen, batch_stats, images, labels, rng):
         params = tree.unflatten({**trainable, **frozen})
-        with freeze.frozen_behaviour(plan):
+        inputs = (preprocess.apply(images, spec, dtype) if cache is None
+                  else cache.model_input(images.shape[0]))
+        with freeze.frozen_behaviour(plan, None if cache is None else images):
             logits, updated = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                preprocess.apply(images, spec, dtype), train=True, rngs={"dropout": rng},
-                mutable=["batch_stats"])
+                {"params": params, "batch_stats": batch_stats}, inputs, train=True,
+                rngs={"dropout": rng}, mutable=["batch_stats"])
         logits, *aux = logits if isinstance(logits, tuple) else (logits,)
         losses, correct = loss_and_metrics(logits, labels, cfg.train.label_smoothing)
         loss = losses.mean() + sum(cfg.train.aux_loss_weight *
@@ -233,15 +236,19 @@ def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
             "accuracy": totals["correct"] / totals["count"]}
 
 
-def compiled_flops(exp: Experiment) -> float:
+def compiled_flops(exp: Experiment, cache: prefix_cache.PrefixCache | None = None,
+                   inputs: jax.ShapeDtypeStruct | None = None) -> float:
     """XLA's flop count of one compiled train step (``cost_analysis()``), its convolutions
-    XLA's own: it counts none in oneDNN's."""
+    XLA's own: it counts none in oneDNN's. With a ``cache``, ``inputs`` describes a batch of
+    the frozen prefix's outputs."""
     b = exp.cfg.train.batch_size
-    images = jax.ShapeDtypeStruct((b, *exp.train_split.image_shape), jnp.uint8,
-                                  sharding=NamedSharding(exp.mesh, P("data")))
-    labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=NamedSharding(exp.mesh, P("data")))
+    batch = NamedSharding(exp.mesh, P("data"))
+    if inputs is None:
+        inputs = jax.ShapeDtypeStruct((b, *exp.train_split.image_shape), jnp.uint8)
+    inputs = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype, sharding=batch)
+    labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)
     with onednn.disabled():
-        compiled = make_train_step(exp).lower(exp.state, images, labels).compile()
+        compiled = make_train_step(exp, cache).lower(exp.state, inputs, labels).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])
@@ -259,10 +266,13 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.manager(workdir / checkpoints.SUBDIR, max_to_keep=cfg.train.keep_checkpoints)
     state = _resume(exp, mngr)
-    train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+    cache = (prefix_cache.build(exp, state.variables(), cfg.train.eval_batch_size)
+             if cfg.freeze.get("cache_prefix") else None)
+    train_step, eval_step = make_train_step(exp, cache), make_eval_step(exp)
     end = exp.total_steps if stop_after is None else min(stop_after, exp.total_steps)
     step = int(state.step)
-    batches = data.train_batches(exp.train_split, cfg.train.batch_size // jax.process_count(),
+    batches = data.train_batches(cache.split if cache else exp.train_split,
+                                 cfg.train.batch_size // jax.process_count(),
                                  cfg.train.seed, start_step=step,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
