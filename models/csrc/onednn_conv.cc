@@ -12,15 +12,17 @@
 // F(4x4, 3x3) kernels (all three passes 1.4-2.1x faster than direct here, reorders to and
 // from their blocked layout included; errors ~3e-6 of the largest output), falling back to
 // direct where oneDNN has none for the machine.
-// Primitives are built once per shape and cached, each with its own scratchpad (XLA calls
-// from any of its threads, and oneDNN's library scratchpad belongs to a thread); calls are
-// serialised, each using oneDNN's own (OpenMP) threads.
+// Primitives are built once per shape and cached; calls are serialised, each using oneDNN's
+// own (OpenMP) threads, and they share a user scratchpad (XLA calls from any of its threads,
+// and oneDNN's library scratchpad belongs to a thread) and one buffer per reordered operand.
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <tuple>
 
@@ -54,6 +56,29 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
+// A buffer that grows to the largest request. The primitives share one per role: calls are
+// serialised, and a primitive's reordered operands and scratchpads live only for its call.
+class Arena {
+ public:
+  void* Get(size_t bytes) {
+    if (bytes > size_) {
+      size_ = (bytes + 63) / 64 * 64;
+      data_.reset(static_cast<char*>(std::aligned_alloc(64, size_)));
+      if (!data_) throw std::bad_alloc();
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<char, decltype(&std::free)> data_{nullptr, &std::free};
+  size_t size_ = 0;
+};
+
+void Place(memory& m, Arena& arena) {
+  const size_t bytes = m.get_desc().get_size();
+  if (bytes > 0) m.set_data_handle(arena.Get(bytes));
+}
+
 struct Operand {
   int arg = 0;
   memory buffer, internal, scratchpad;
@@ -66,12 +91,17 @@ struct Operand {
     buffer = memory(buffer_md, engine, DNNL_MEMORY_NONE);
     reordered = wanted != buffer_md;
     if (!reordered) return;
-    internal = memory(wanted, engine);
+    internal = memory(wanted, engine, DNNL_MEMORY_NONE);
     dnnl::reorder::primitive_desc pd = output
         ? dnnl::reorder::primitive_desc(internal, buffer, UserScratchpad())
         : dnnl::reorder::primitive_desc(buffer, internal, UserScratchpad());
     reorder = dnnl::reorder(pd);
-    scratchpad = memory(pd.scratchpad_desc(), engine);
+    scratchpad = memory(pd.scratchpad_desc(), engine, DNNL_MEMORY_NONE);
+  }
+  void PlaceIn(Arena& internal_arena, Arena& scratchpad_arena) {
+    if (!reordered) return;
+    Place(internal, internal_arena);
+    Place(scratchpad, scratchpad_arena);
   }
   void Reorder(const dnnl::stream& stream, bool output) {
     reorder.execute(stream, {{DNNL_ARG_FROM, output ? internal : buffer},
@@ -93,6 +123,7 @@ struct State {
   dnnl::stream stream{engine};
   std::mutex mutex;
   std::map<std::pair<Pass, Geometry>, std::unique_ptr<Primitive>> cache;
+  Arena in0, in1, out, scratchpad, reorder_scratchpad;
 };
 
 State& state() {
@@ -139,7 +170,7 @@ std::unique_ptr<Primitive> Build(Pass pass, const Geometry& g, bool winograd) {
     p->in0.Set(DNNL_ARG_SRC, src_md, forward.src_desc(), false, s.engine);
     p->in1.Set(DNNL_ARG_WEIGHTS, w_md, forward.weights_desc(), false, s.engine);
     p->out.Set(DNNL_ARG_DST, dst_md, forward.dst_desc(), true, s.engine);
-    p->scratchpad = memory(forward.scratchpad_desc(), s.engine);
+    p->scratchpad = memory(forward.scratchpad_desc(), s.engine, DNNL_MEMORY_NONE);
   } else if (data) {
     dnnl::convolution_backward_data::primitive_desc pd(
         dnnl::convolution_backward_data::desc(algorithm, src_any, w_any, dst_any, strides,
@@ -150,7 +181,7 @@ std::unique_ptr<Primitive> Build(Pass pass, const Geometry& g, bool winograd) {
     p->in0.Set(DNNL_ARG_DIFF_DST, dst_md, pd.diff_dst_desc(), false, s.engine);
     p->in1.Set(DNNL_ARG_WEIGHTS, w_md, pd.weights_desc(), false, s.engine);
     p->out.Set(DNNL_ARG_DIFF_SRC, src_md, pd.diff_src_desc(), true, s.engine);
-    p->scratchpad = memory(pd.scratchpad_desc(), s.engine);
+    p->scratchpad = memory(pd.scratchpad_desc(), s.engine, DNNL_MEMORY_NONE);
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         dnnl::convolution_backward_weights::desc(algorithm, src_any, w_any, dst_any, strides,
@@ -161,7 +192,7 @@ std::unique_ptr<Primitive> Build(Pass pass, const Geometry& g, bool winograd) {
     p->in0.Set(DNNL_ARG_SRC, src_md, pd.src_desc(), false, s.engine);
     p->in1.Set(DNNL_ARG_DIFF_DST, dst_md, pd.diff_dst_desc(), false, s.engine);
     p->out.Set(DNNL_ARG_DIFF_WEIGHTS, w_md, pd.diff_weights_desc(), true, s.engine);
-    p->scratchpad = memory(pd.scratchpad_desc(), s.engine);
+    p->scratchpad = memory(pd.scratchpad_desc(), s.engine, DNNL_MEMORY_NONE);
   }
   return p;
 }
@@ -199,6 +230,10 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     p.in0.buffer.set_data_handle(a.typed_data());
     p.in1.buffer.set_data_handle(b.typed_data());
     p.out.buffer.set_data_handle(out->typed_data());
+    p.in0.PlaceIn(s.in0, s.reorder_scratchpad);
+    p.in1.PlaceIn(s.in1, s.reorder_scratchpad);
+    p.out.PlaceIn(s.out, s.reorder_scratchpad);
+    Place(p.scratchpad, s.scratchpad);
     for (Operand* in : {&p.in0, &p.in1}) {
       if (in->reordered) in->Reorder(s.stream, false);
     }
