@@ -13,6 +13,10 @@ of the batch (``custom_partitioning``), and the kernel gradient is summed over t
 ``TRANSFERLAB_ONEDNN=0`` turns it off; ``disabled()`` does so while tracing (XLA's cost
 analysis counts no flops in a foreign call).
 
+The kernel gradient of a depthwise convolution whose window is not 3×3 (EfficientNet's and
+MobileNetV3's 5×5) is this project's own (``csrc/depthwise_conv.cc``, OpenMP threads): oneDNN
+runs those on its grouped kernel, 3–4× slower.
+
 3×3 stride-1 ungrouped convolutions (most of a ResNet's flops) run oneDNN's Winograd kernels
 in all three passes: 1.4–2.1× faster than direct convolution on this project's CPU, values
 within ~3e-6 of the largest output (direct and XLA differ from each other by about as much).
@@ -37,10 +41,11 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("onednn_conv.cc", "depthwise_conv.cc"))
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardData",
-           "backward_weights": "OnednnConvBackwardWeights"}
+           "backward_weights": "OnednnConvBackwardWeights",
+           "depthwise_backward_weights": "DepthwiseBackwardWeights"}
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _disabled_while_tracing = [False]
@@ -86,13 +91,14 @@ def implementations() -> list[tuple[str, str]]:
 
 def library_path() -> Path:
     """Where the built library is cached: one file per source and jaxlib version."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+                            + jax.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transferlab"
     return cache / f"onednn_conv-{digest}.so"
 
 
 def build() -> Path:
-    """Compile ``csrc/onednn_conv.cc`` (once: the result is cached by content)."""
+    """Compile ``csrc/*.cc`` into one library (once: the result is cached by content)."""
     path = library_path()
     if path.exists():
         return path
@@ -103,10 +109,12 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
         done = subprocess.run(
-            ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", f"-I{jax.ffi.include_dir()}",
-             str(SOURCE), "-o", str(built), "-ldnnl"], capture_output=True, text=True)
+            ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-ffp-contract=fast",
+             f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(built), "-ldnnl"],
+            capture_output=True, text=True)
         if done.returncode:
-            raise OSError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+            raise OSError(f"building {', '.join(s.name for s in SOURCES)} failed:\n"
+                          f"{done.stderr[-2000:]}")
         os.replace(built, path)  # atomic: concurrent processes each build, one file stays
     return path
 
@@ -195,6 +203,8 @@ _backward_data = _batch_parallel("b i j o, k l d o -> b h w c",
                                  functools.partial(_call, "backward_data"), True)
 _backward_weights = _batch_parallel("b h w c, b i j o -> k l d o",
                                     functools.partial(_call, "backward_weights"), False)
+_depthwise_backward_weights = _batch_parallel(
+    "b h w c, b i j o -> k l d o", functools.partial(_call, "depthwise_backward_weights"), False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -211,8 +221,11 @@ def _conv_forward(x, w, strides, pads, groups):
 
 def _conv_backward(strides, pads, groups, residuals, dy):
     x, w = residuals
+    # oneDNN's depthwise kernel gradient is 3×3 only; its grouped one is 3–4× slower than ours
+    own = groups == x.shape[-1] == w.shape[-1] and tuple(w.shape[:2]) != (3, 3)
+    kernel_gradient = _depthwise_backward_weights if own else _backward_weights
     return (_backward_data(dy, w, x.shape, strides, pads, groups),
-            _backward_weights(x, dy, w.shape, strides, pads, groups))
+            kernel_gradient(x, dy, w.shape, strides, pads, groups))
 
 
 conv.defvjp(_conv_forward, _conv_backward)

@@ -48,7 +48,8 @@ def test_conv_and_its_gradients_equal_xlas(size, kernel, channels, stride, paddi
 @needs_onednn
 @pytest.mark.parametrize("size,kernel,channels,groups,stride,padding", [
     (9, 3, (6, 6), 6, 1, ((1, 1), (1, 1))), (10, 5, (8, 8), 8, 2, "SAME"),
-    (11, 3, (4, 8), 4, 2, ((0, 1), (0, 1))), (8, 3, (6, 9), 3, 1, "SAME")])
+    (11, 3, (4, 8), 4, 2, ((0, 1), (0, 1))), (8, 3, (6, 9), 3, 1, "SAME"),
+    (12, 5, (40, 40), 40, 1, ((2, 1), (1, 2))), (9, 7, (16, 16), 16, 2, "VALID")])
 def test_grouped_conv_and_its_gradients_equal_xlas(size, kernel, channels, groups, stride,
                                                    padding):
     rng = np.random.default_rng(0)
@@ -105,16 +106,19 @@ def test_float32_convolutions_go_to_onednn_on_the_cpu_and_others_do_not():
 
 
 @needs_onednn
-def test_each_device_convolves_its_shard_of_the_batch():
+@pytest.mark.parametrize("kernel_shape,groups,kernel_gradient", [
+    ((3, 3, 3, 4), 1, "transferlab_onednn_backward_weights"),
+    ((5, 5, 1, 3), 3, "transferlab_onednn_depthwise_backward_weights")])
+def test_each_device_convolves_its_shard_of_the_batch(kernel_shape, groups, kernel_gradient):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 6, 6, 3)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
-    loss = lambda op: lambda x, w: (conv_of(op, (1, 1), "SAME")(x, w) ** 2).sum()
+    loss = lambda op: lambda x, w: (grouped_conv(op, (1, 1), "SAME", groups)(x, w) ** 2).sum()
     grads = jax.grad(loss(ops.conv_general_dilated), (0, 1))
     text = compiled_text(grads, sharded, w)
-    assert "transferlab_onednn_backward_weights" in text and "all-gather" not in text
+    assert kernel_gradient in text and "all-gather" not in text
     for ours, theirs in zip(jax.jit(grads)(sharded, w),
                             jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
