@@ -47,6 +47,7 @@ def get_config(arg=None):
     c.transfer.train.checkpoint_every_epochs = 0.0
     c.transfer.train.keep_checkpoints = 1
     c.transfer.optim.lr = 0.02
+    c.transfer.freeze.cache_prefix = True  # runs with frozen blocks train on their cached output
 
     c.ablation = ml_collections.ConfigDict()
     c.ablation.seeds = tuple(range(arg.seeds))

@@ -41,7 +41,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("onednn_conv.cc", "depthwise_conv.cc"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("onednn_conv.cc", "depthwise_conv.cc"))
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardData",
            "backward_weights": "OnednnConvBackwardWeights",
@@ -142,7 +143,7 @@ def winograd_suits(kernel_shape, strides, groups: int) -> bool:
 
 def _call(name: str, a, b, out_shape, strides, pads: Pads, groups: int):
     (top, bottom), (left, right) = pads
-    kernel_shape = out_shape if name == "backward_weights" else b.shape
+    kernel_shape = out_shape if name.endswith("backward_weights") else b.shape
     out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
     return jax.ffi.ffi_call(f"transferlab_onednn_{name}", out, vmap_method="sequential")(
         a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),

@@ -64,6 +64,7 @@ def run_config(cfg, run: Run, pretrained_dir: Path):
     c.name = run.name
     c.train.seed = run.seed
     c.freeze.depth = run.freeze_depth
+    c.freeze.cache_prefix = c.freeze.get("cache_prefix", False) and run.freeze_depth > 0
     if run.regime == "scratch":
         c.init.checkpoint = ""
         c.model.name = cfg.pretrain.model.name

@@ -85,11 +85,12 @@ def prefix_function(model, plan: freeze.FreezePlan, spec: dict, dtype):
     return prefix
 
 
-def build(exp, variables, batch_size: int) -> PrefixCache:
+def build(exp, state, batch_size: int) -> PrefixCache:
     """The frozen prefix's output for every example of ``exp.train_split``, in order, after
-    checking that training on it equals training through the whole network."""
+    checking that training on it from ``state`` equals training through the whole network."""
     from research import train  # train imports this module
 
+    variables = state.variables()
     dtype = train.DTYPES[exp.cfg.train.dtype]
     prefix = jax.jit(prefix_function(exp.model, exp.plan, exp.preprocess_spec, dtype))
     images, _ = exp.train_split.read_batch(np.arange(1))
@@ -98,7 +99,7 @@ def build(exp, variables, batch_size: int) -> PrefixCache:
     input_shape = jax.eval_shape(lambda x: preprocess.apply(x, exp.preprocess_spec, dtype),
                                  images).shape[1:]
     cache = PrefixCache(tuple(input_shape), dtype)
-    _check_same_step(exp, cache, prefix, variables)
+    _check_same_step(exp, state, cache, prefix)
     features = np.empty((len(exp.train_split), *one.shape[1:]), one.dtype)
     done = 0
     for batch_images, _, mask in data.eval_batches(exp.train_split, batch_size):
@@ -123,17 +124,19 @@ def _check_memory(one: jax.ShapeDtypeStruct, examples: int, last: str) -> None:
             "examples, or set freeze.cache_prefix=False.")
 
 
-def _check_same_step(exp, cache: PrefixCache, prefix, variables) -> None:
+def _check_same_step(exp, state, cache: PrefixCache, prefix) -> None:
     """One train step from the cached output and one through the whole network, from the same
     state on the same examples (a batch the mesh divides), must give the same loss."""
     from research import train
 
     rows = np.arange(max(2, exp.mesh.size)) % len(exp.train_split)
-    images, labels = exp.train_split.read_batch(rows)
-    images, labels = train.global_batch(exp, images, labels)
-    copy = lambda: jax.tree.map(lambda a: a.copy(), exp.state)
+    local = data.process_rows(exp.train_split.read_batch(rows), jax.process_index(),
+                              jax.process_count())
+    images, labels = train.global_batch(exp, *local)
+    copy = lambda: jax.tree.map(lambda a: a.copy(), state)
     _, expected = train.make_train_step(exp)(copy(), images, labels)
-    _, got = train.make_train_step(exp, cache)(copy(), prefix(variables, images), labels)
+    _, got = train.make_train_step(exp, cache)(copy(), prefix(state.variables(), images),
+                                                labels)
     expected, got = float(expected["loss"]), float(got["loss"])
     if not np.isclose(got, expected, rtol=1e-4, atol=1e-5):
         raise ConfigError(

@@ -266,7 +266,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.manager(workdir / checkpoints.SUBDIR, max_to_keep=cfg.train.keep_checkpoints)
     state = _resume(exp, mngr)
-    cache = (prefix_cache.build(exp, state.variables(), cfg.train.eval_batch_size)
+    cache = (prefix_cache.build(exp, state, cfg.train.eval_batch_size)
              if cfg.freeze.get("cache_prefix") else None)
     train_step, eval_step = make_train_step(exp, cache), make_eval_step(exp)
     end = exp.total_steps if stop_after is None else min(stop_after, exp.total_steps)

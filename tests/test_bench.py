@@ -23,6 +23,10 @@ def test_benchmark_runs_in_quick_mode(tmp_path):
     assert train["peer_glibc_defaults"] > 0 and 0 < train["ours_of_bound"] < 2
     peak = next(r for r in records if r["model"] == "machine")
     assert peak["unit"] == "GFLOP/s" and peak["ours"] > 1 and peak["peer"] > 1
-    depths = [r for r in records if r["what"].startswith("train, freeze depth")]
+    sweep = [r for r in records if r["what"].startswith("train, freeze depth")]
+    depths = [r for r in sweep if "cached" not in r["what"]]
+    cached = [r for r in sweep if r["what"].endswith("cached prefix")]
     assert len(depths) == 6 and depths[0]["flops"] > depths[-1]["flops"]
+    assert len(cached) == 5 and all(r["prefix_s_per_image"] > 0 for r in cached)
+    assert all(c["flops"] < d["flops"] for c, d in zip(cached, depths[1:]))
     assert "| resnet18 | train step |" in (tmp_path / "bench.md").read_text()

@@ -34,8 +34,9 @@ std::pair<int64_t, int64_t> ValidOutputs(int64_t k, int64_t stride, int64_t pad,
 }
 
 template <int64_t kWidth>
-inline __attribute__((always_inline)) void AccumulateTap(const float* x, const float* dy, const Window& g, int64_t i, int64_t j,
-                   int64_t lanes, float* out) {
+inline __attribute__((always_inline)) void AccumulateTap(const float* x, const float* dy,
+                                                         const Window& g, int64_t i, int64_t j,
+                                                         int64_t lanes, float* out) {
   float acc[kWidth] = {};
   const auto [oh0, oh1] = ValidOutputs(i, g.stride_h, g.pad_top, g.h, g.oh);
   const auto [ow0, ow1] = ValidOutputs(j, g.stride_w, g.pad_left, g.w, g.ow);
