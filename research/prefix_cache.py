@@ -85,20 +85,28 @@ def prefix_function(model, plan: freeze.FreezePlan, spec: dict, dtype):
     return prefix
 
 
+def empty(exp) -> PrefixCache:
+    """A cache, without features yet, for ``exp``'s model input (an image's shape after
+    preprocessing) and computation dtype."""
+    from research import train  # train imports this module
+
+    dtype = train.DTYPES[exp.cfg.train.dtype]
+    image = jax.ShapeDtypeStruct((1, *exp.train_split.image_shape), jnp.uint8)
+    model_input = jax.eval_shape(lambda x: preprocess.apply(x, exp.preprocess_spec, dtype), image)
+    return PrefixCache(tuple(model_input.shape[1:]), dtype)
+
+
 def build(exp, state, batch_size: int) -> PrefixCache:
     """The frozen prefix's output for every example of ``exp.train_split``, in order, after
     checking that training on it from ``state`` equals training through the whole network."""
-    from research import train  # train imports this module
+    from research import train
 
     variables = state.variables()
-    dtype = train.DTYPES[exp.cfg.train.dtype]
-    prefix = jax.jit(prefix_function(exp.model, exp.plan, exp.preprocess_spec, dtype))
+    cache = empty(exp)
+    prefix = jax.jit(prefix_function(exp.model, exp.plan, exp.preprocess_spec, cache.dtype))
     images, _ = exp.train_split.read_batch(np.arange(1))
     one = jax.eval_shape(prefix, variables, images)
     _check_memory(one, len(exp.train_split), exp.plan.frozen_prefix[-1])
-    input_shape = jax.eval_shape(lambda x: preprocess.apply(x, exp.preprocess_spec, dtype),
-                                 images).shape[1:]
-    cache = PrefixCache(tuple(input_shape), dtype)
     _check_same_step(exp, state, cache, prefix)
     features = np.empty((len(exp.train_split), *one.shape[1:]), one.dtype)
     done = 0

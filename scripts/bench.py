@@ -91,7 +91,6 @@ def ours_train(model: str, batch: int, size: int, steps: int, freeze_depth: int 
     """The train step; with ``cache_prefix``, the step on cached outputs of the frozen prefix
     (``freeze.cache_prefix``), and the one-time cost of computing them (``prefix_s_per_image``)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from research import prefix_cache, train
     exp = experiment(model, batch, size, freeze_depth)
@@ -100,11 +99,12 @@ def ours_train(model: str, batch: int, size: int, steps: int, freeze_depth: int 
     x, y = train.global_batch(exp, images, labels)
     cache, extra = None, {}
     if cache_prefix:
+        cache = prefix_cache.empty(exp)
         prefix = jax.jit(prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec,
-                                                      jnp.float32))
+                                                      cache.dtype))
         variables = exp.state.variables()
         prefix_s = timed(lambda: jax.block_until_ready(prefix(variables, x)), steps)
-        cache, x = prefix_cache.PrefixCache((size, size, 3), jnp.float32), prefix(variables, x)
+        x = prefix(variables, x)
         extra = dict(prefix_s_per_image=prefix_s / batch, cached_shape=list(x.shape[1:]))
     start = time.perf_counter()
     compiled = train.make_train_step(exp, cache).lower(exp.state, x, y).compile()

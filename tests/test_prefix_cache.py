@@ -37,8 +37,9 @@ def test_cached_step_computes_none_of_the_frozen_prefix(make_config):
     b = exp.cfg.train.batch_size
     images, labels = train.global_batch(  # sharded: cost_analysis counts one device's flops
         exp, np.zeros((b, *exp.train_split.image_shape), np.uint8), np.zeros((b,), np.int32))
-    prefix = prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec, np.float32)
-    cache = prefix_cache.PrefixCache((28, 28, 1), np.float32)
+    cache = prefix_cache.empty(exp)
+    assert cache.input_shape == (28, 28, 1)
+    prefix = prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec, cache.dtype)
 
     def flops_and_convolutions(jitted, *args):  # XLA's convolutions: oneDNN's count no flops
         with onednn.disabled():
