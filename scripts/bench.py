@@ -5,7 +5,10 @@
     python -m scripts.bench --models resnet18 --steps 20 --out runs/bench
 
 Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
-settings are its own, and the measurements run one at a time. Writes ``bench.json`` (one
+settings are its own, and the measurements run one at a time. Where two sides are compared
+(ours, PyTorch, PyTorch without glibc's tunables) their processes take turns, a few steps
+each after one untimed step, until each has its steps: the machine's drift over minutes
+(±15% seen here) moves both sides alike instead of the ratio. Writes ``bench.json`` (one
 record per measurement: ``model``, ``what``, ``ours``, ``peer``, ``ratio``, …) and ``bench.md``.
 """
 
@@ -22,6 +25,7 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,17 +42,30 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+TURN_STEPS = "TRANSFERLAB_BENCH_TURN_STEPS"  # set by ``measure_interleaved`` for its processes
+
+
 def timed(fn, steps: int, warmup: int = 2) -> float:
     """Seconds per call of ``fn`` (which blocks until its result is ready): the median call,
-    which a neighbour's burst on a shared machine moves less than the mean."""
-    for _ in range(warmup):
-        fn()
+    which a neighbour's burst on a shared machine moves less than the mean. Under
+    ``measure_interleaved`` the calls run in turns of TURN_STEPS, each after one untimed call."""
+    turn = int(os.environ.get(TURN_STEPS, "0"))
     seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
+    while len(seconds) < steps:
+        if turn:
+            wait_for_turn()
+        for _ in range(1 if turn and seconds else warmup):
+            fn()
+        for _ in range(min(turn or steps, steps - len(seconds))):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
+
+
+def wait_for_turn() -> None:
+    print("turn", flush=True)
+    sys.stdin.readline()
 
 
 MATMUL = 1024  # the side of the square float32 products that measure the machine's peak
@@ -222,17 +239,51 @@ MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_pr
 def measure(name: str, glibc_defaults: bool = False, **kwargs) -> dict:
     """Run one measurement in a fresh subprocess and return its result; ``glibc_defaults``
     runs it without the project's glibc tunables (``common.CPU_GLIBC_TUNABLES``)."""
-    env = dict(os.environ)
+    return measure_interleaved([(name, glibc_defaults, kwargs)], turn_steps=0)[0]
+
+
+def measure_interleaved(specs, turn_steps: int = 2) -> list[dict]:
+    """Run measurements ``(name, glibc_defaults, kwargs)`` in subprocesses that take turns: each
+    sets up alone, then times ``turn_steps`` steps at a time while the others wait (with
+    ``turn_steps=0``, all its steps at once). Returns their results, in order."""
+    processes, results = [], []
+    for name, glibc_defaults, kwargs in specs:  # one at a time: set-up runs alone
+        processes.append(_start(name, glibc_defaults, kwargs, turn_steps))
+        results.append(_until_turn_or_end(processes[-1]))
+    while any(r == "turn" for r in results):
+        for i, process in enumerate(processes):
+            if results[i] == "turn":
+                process.stdin.write("go\n")
+                process.stdin.flush()
+                results[i] = _until_turn_or_end(process)
+    return results
+
+
+def _start(name: str, glibc_defaults: bool, kwargs: dict, turn_steps: int):
+    env = {**os.environ, TURN_STEPS: str(turn_steps)}
     if glibc_defaults:
         tunables = env.get("GLIBC_TUNABLES", "").split(":")
         env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t != common.CPU_GLIBC_TUNABLES)
         env["TRANSFERLAB_HUGE_PAGES"] = "0"
-    done = subprocess.run([sys.executable, "-m", "scripts.bench", "--one",
-                           json.dumps({"name": name, **kwargs})],
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{name}{kwargs} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scripts.bench", "--one", json.dumps({"name": name, **kwargs})],
+        cwd=Path(__file__).parents[1], env=env, text=True, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=tempfile.TemporaryFile("w+"))
+    process.spec = f"{name}{kwargs}"
+    return process
+
+
+def _until_turn_or_end(process):
+    """"turn" when the process waits for its next turn, else its result once it has ended."""
+    last = ""
+    for line in process.stdout:
+        if line.strip() == "turn":
+            return "turn"
+        last = line.strip() or last
+    if process.wait():
+        process.stderr.seek(0)
+        raise RuntimeError(f"{process.spec} failed:\n{process.stderr.read()[-3000:]}")
+    return json.loads(last)
 
 
 def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print) -> list[dict]:
@@ -245,14 +296,16 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
         log(f"{model:>16} {what:<28} ours {ours:10.2f} {unit}"
             + (f"  peer {peer:10.2f}  ratio {rec['ratio']:.2f}" if peer else ""))
 
-    peak = [measure(f"{who}_matmul", steps=10 * steps)["gflop_s"] for who in ("ours", "peer")]
+    peak = [r["gflop_s"] for r in measure_interleaved(
+        [(f"{who}_matmul", False, dict(steps=10 * steps)) for who in ("ours", "peer")],
+        turn_steps=2 * steps)]
     record("machine", f"float32 matmul {MATMUL}³", *peak, unit="GFLOP/s")
     for model in models:
         for kind in ("train", "inference"):
-            ours = measure(f"ours_{kind}", model=model, batch=batch, size=size, steps=steps)
-            peer = measure(f"peer_{kind}", model=model, batch=batch, size=size, steps=steps)
-            as_shipped = measure(f"peer_{kind}", glibc_defaults=True, model=model, batch=batch,
-                                 size=size, steps=steps)
+            shape = dict(model=model, batch=batch, size=size, steps=steps)
+            ours, peer, as_shipped = measure_interleaved(
+                [(f"ours_{kind}", False, shape), (f"peer_{kind}", False, shape),
+                 (f"peer_{kind}", True, shape)])
             if kind == "train":  # img/s if the step's flops ran at the matmul rate
                 limit = max(peak) * 1e9 * batch / ours["flops"]
                 bound = dict(peak_bound=limit, ours_of_bound=ours["img_s"] / limit,

@@ -1,5 +1,5 @@
-"""oneDNN convolutions through XLA's FFI against XLA's own, alone, under jit over a sharded
-mesh, and inside a model's train step."""
+"""oneDNN convolutions and matrix products through XLA's FFI against XLA's own, alone, under
+jit over a sharded mesh, and inside a model's train step."""
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +141,59 @@ def test_resnet_train_step_gradients_equal_xlas(winograd):
         theirs = grads()
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):  # float32 rounding
         assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()  # through 18 layers of BatchNorm
+
+
+# (batch, tokens, heads, depth) viewed as (batch, heads, tokens, depth), or its transpose
+HEADS_FIRST, HEADS_FIRST_T = (0, 2, 1, 3), (0, 2, 3, 1)
+
+
+@needs_onednn
+@pytest.mark.parametrize("a_shape,b_shape,a_axes,b_axes,out_axes,einsum", [
+    ((2, 3, 4, 5), (2, 3, 5, 6), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3),
+     "bhmk,bhkn->bhmn"),
+    ((2, 7, 3, 4), (2, 9, 3, 4), HEADS_FIRST, HEADS_FIRST_T, (0, 1, 2, 3), "bmhk,bnhk->bhmn"),
+    ((2, 3, 7, 9), (2, 9, 3, 4), (0, 1, 2, 3), HEADS_FIRST, HEADS_FIRST, "bhmk,bkhn->bmhn"),
+    ((2, 3, 9, 7), (2, 9, 3, 4), (0, 1, 3, 2), HEADS_FIRST, HEADS_FIRST, "bhkm,bkhn->bmhn"),
+    ((2, 3, 4, 5), (2, 3, 5, 6), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 3, 2),
+     "bhmk,bhkn->bhnm")])
+def test_matmul_through_views_and_its_gradients_equal_einsums(a_shape, b_shape, a_axes, b_axes,
+                                                              out_axes, einsum):
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
+    assert_same_values_and_gradients(lambda a, b: onednn.matmul(a, b, a_axes, b_axes, out_axes),
+                                     lambda a, b: jnp.einsum(einsum, a, b), a, b, atol=1e-5)
+
+
+@needs_onednn
+def test_attention_products_run_onednns_fast_kernels_with_jaxs_values_and_gradients():
+    rng = np.random.default_rng(0)
+    query, key, value = (jnp.asarray(rng.standard_normal((2, 17, 3, 8)), jnp.float32)
+                         for _ in range(3))
+    attention = jax.grad(lambda *qkv: (ops.dot_product_attention(*qkv) ** 2).sum(), (0, 1, 2))
+    assert compiled_text(attention, query, key, value).count("transferlab_onednn_matmul") == 6
+    assert_same_values_and_gradients(ops.dot_product_attention, jax.nn.dot_product_attention,
+                                     query, key, value, atol=1e-5)
+    kernels = {kernel for kind, kernel in onednn.implementations() if kind == "matmul"}
+    assert kernels and not any(kernel.startswith("ref") for kernel in kernels), kernels
+
+
+def test_matmul_views_must_keep_the_batch_first():
+    a = jnp.ones((2, 3, 4, 5))
+    with pytest.raises(ValueError, match="first axis"):
+        onednn.matmul(a, a, (1, 0, 2, 3), (0, 1, 3, 2))
+
+
+@needs_onednn
+def test_each_device_multiplies_its_shard_of_the_batch():
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((8, 5, 2, 4)), jnp.float32) for _ in range(2))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k)]
+    loss = lambda q, k: (onednn.matmul(q, k, HEADS_FIRST, HEADS_FIRST_T) ** 2).sum()
+    grads = jax.grad(loss, (0, 1))
+    text = compiled_text(grads, *sharded)
+    assert "transferlab_onednn_matmul" in text and "all-gather" not in text
+    reference = jax.grad(lambda q, k: (jnp.einsum("bmhd,bnhd->bhmn", q, k) ** 2).sum(), (0, 1))
+    for ours, theirs in zip(jax.jit(grads)(*sharded), reference(q, k)):
+        assert ours.sharding.spec[0] == "data"
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)

@@ -1,10 +1,18 @@
-// oneDNN convolutions as XLA FFI handlers: float32, NHWC activations, HWIO kernels (I the
-// input channels of a group), any groups (depthwise too), strides and explicit (asymmetric)
-// padding, no dilation.
+// oneDNN's convolutions and batched matrix products as XLA FFI handlers, float32.
+//
+// Convolutions: NHWC activations, HWIO kernels (I the input channels of a group), any groups
+// (depthwise too), strides and explicit (asymmetric) padding, no dilation.
 //
 //   OnednnConvForward        x[N,H,W,I], w[KH,KW,I,O]  -> y[N,OH,OW,O]
 //   OnednnConvBackwardData   dy[N,OH,OW,O], w          -> dx[N,H,W,I]
 //   OnednnConvBackwardWeights x, dy                     -> dw[KH,KW,I,O]
+//
+//   OnednnMatmul             a, b -> c, rank 4: c'[i,j] = a'[i,j] @ b'[i,j] over two batch
+//                            axes, where each operand x' is a view of its buffer x with
+//                            x'.shape[d] = x.shape[x_axes[d]] (`a_axes`, `b_axes`, `out_axes`):
+//                            attention's products read and write (batch, tokens, heads, depth)
+//                            activations in place, and a product's gradients need no transposed
+//                            copies.
 //
 // Activations stay in the buffers' NHWC layout; the kernel takes the layout oneDNN
 // prefers, reordered on each call (faster than plain HWIO in every pass measured). With the
@@ -12,7 +20,7 @@
 // F(4x4, 3x3) kernels (all three passes 1.4-2.1x faster than direct here, reorders to and
 // from their blocked layout included; errors ~3e-6 of the largest output), falling back to
 // direct where oneDNN has none for the machine.
-// Primitives are built once per shape and cached; calls are serialised, each using oneDNN's
+// Primitives are built once per shape and cached; all calls are serialised, each using oneDNN's
 // own (OpenMP) threads, and they share a user scratchpad (XLA calls from any of its threads,
 // and oneDNN's library scratchpad belongs to a thread) and one buffer per reordered operand.
 #include <algorithm>
@@ -118,11 +126,16 @@ struct Primitive {
   memory scratchpad;
 };
 
+// A product: each operand's buffer dimensions and the buffer axis of each view dimension.
+using Dims4x2 = std::array<Dims4, 2>;
+using MatmulKey = std::array<Dims4x2, 3>;
+
 struct State {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
   std::mutex mutex;
   std::map<std::pair<Pass, Geometry>, std::unique_ptr<Primitive>> cache;
+  std::map<MatmulKey, std::unique_ptr<Primitive>> matmuls;
   Arena in0, in1, out, scratchpad, reorder_scratchpad;
 };
 
@@ -258,6 +271,71 @@ ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
              groups, winograd);
 }
 
+// The view of a row-major buffer whose dimension d is the buffer's axis axes[d].
+memory::desc ViewDesc(const Dims4x2& buffer) {
+  const auto& [dims, axes] = buffer;
+  Dims4 strides;
+  strides[3] = 1;
+  for (int d = 2; d >= 0; --d) strides[d] = strides[d + 1] * dims[d + 1];
+  memory::dims view_dims(4), view_strides(4);
+  for (int d = 0; d < 4; ++d) {
+    view_dims[d] = dims[axes[d]];
+    view_strides[d] = strides[axes[d]];
+  }
+  return memory::desc(view_dims, memory::data_type::f32, view_strides);
+}
+
+std::unique_ptr<Primitive> BuildMatmul(const MatmulKey& key) {
+  State& s = state();
+  const memory::desc a_md = ViewDesc(key[0]), b_md = ViewDesc(key[1]), c_md = ViewDesc(key[2]);
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), UserScratchpad(),
+                                  s.engine);
+  auto p = std::make_unique<Primitive>();
+  p->primitive = dnnl::matmul(pd);
+  p->implementation = pd.impl_info_str();
+  p->in0.Set(DNNL_ARG_SRC, a_md, a_md, false, s.engine);
+  p->in1.Set(DNNL_ARG_WEIGHTS, b_md, b_md, false, s.engine);
+  p->out.Set(DNNL_ARG_DST, c_md, c_md, true, s.engine);
+  p->scratchpad = memory(pd.scratchpad_desc(), s.engine, DNNL_MEMORY_NONE);
+  return p;
+}
+
+bool ToDims4(ffi::Span<const int64_t> values, Dims4& out) {
+  if (values.size() != 4) return false;
+  std::copy(values.begin(), values.end(), out.begin());
+  return true;
+}
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> a_axes,
+                  ffi::Span<const int64_t> b_axes, ffi::Span<const int64_t> out_axes) {
+  MatmulKey key;
+  if (!ToDims4(a.dimensions(), key[0][0]) || !ToDims4(a_axes, key[0][1]) ||
+      !ToDims4(b.dimensions(), key[1][0]) || !ToDims4(b_axes, key[1][1]) ||
+      !ToDims4(out->dimensions(), key[2][0]) || !ToDims4(out_axes, key[2][1])) {
+    return ffi::Error::InvalidArgument("oneDNN matmul: operands and axes must have rank 4");
+  }
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  try {
+    auto it = s.matmuls.find(key);
+    if (it == s.matmuls.end()) it = s.matmuls.emplace(key, BuildMatmul(key)).first;
+    Primitive& p = *it->second;
+    p.in0.buffer.set_data_handle(a.typed_data());
+    p.in1.buffer.set_data_handle(b.typed_data());
+    p.out.buffer.set_data_handle(out->typed_data());
+    Place(p.scratchpad, s.scratchpad);
+    p.primitive.execute(s.stream, {{DNNL_ARG_SRC, p.in0.buffer},
+                                   {DNNL_ARG_WEIGHTS, p.in1.buffer},
+                                   {DNNL_ARG_DST, p.out.buffer},
+                                   {DNNL_ARG_SCRATCHPAD, p.scratchpad}});
+    s.stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN matmul: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The kernels of the primitives built so far, one "pass implementation" line each, written
@@ -271,6 +349,7 @@ extern "C" size_t OnednnConvImplementations(char* out, size_t size) {
     text += std::string(kPassNames[static_cast<int>(key.first)]) + " " +
             primitive->implementation + "\n";
   }
+  for (const auto& entry : s.matmuls) text += "matmul " + entry.second->implementation + "\n";
   if (size > 0) {
     const size_t n = std::min(size - 1, text.size());
     text.copy(out, n);
@@ -298,3 +377,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, Handler<Pass::kBackwardDat
                               ONEDNN_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, Handler<Pass::kBackwardWeights>,
                               ONEDNN_CONV_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("a_axes")
+                                  .Attr<ffi::Span<const int64_t>>("b_axes")
+                                  .Attr<ffi::Span<const int64_t>>("out_axes"));
