@@ -371,7 +371,8 @@ def markdown(records: list[dict], env: dict, args) -> str:
     lines = [f"# Benchmark: transferlab vs PyTorch eager ({env['date']})", "",
              f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
              f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
-             f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps; "
+             f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps, "
+             "the compared sides taking turns (2 steps each, after an untimed one); "
              f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}` for both "
              "(`peer_glibc_defaults`: PyTorch without it).", "",
              "| model | measurement | ours | PyTorch | ratio | notes |",
