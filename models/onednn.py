@@ -76,8 +76,7 @@ def unavailable_reason() -> str | None:
 @contextlib.contextmanager
 def disabled():
     """Convolutions and products traced inside do not go to oneDNN (for ``cost_analysis``
-    flops). A
-    function ``jit`` traced before keeps its trace: trace a new one."""
+    flops). A function ``jit`` traced before keeps its trace: trace a new one."""
     before, _disabled_while_tracing[0] = _disabled_while_tracing[0], True
     try:
         yield

@@ -222,23 +222,17 @@ std::unique_ptr<Primitive> BuildPreferred(Pass pass, const Geometry& g) {
 
 Dims4 DimsOf(ffi::Span<const int64_t> d) { return {d[0], d[1], d[2], d[3]}; }
 
-ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, int64_t stride_h, int64_t stride_w,
-               int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-               int64_t groups, int64_t winograd) {
-  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
-      out->dimensions().size() != 4) {
-    return ffi::Error::InvalidArgument("oneDNN convolution: operands must have rank 4");
-  }
-  const Geometry g{DimsOf(a.dimensions()), DimsOf(b.dimensions()), DimsOf(out->dimensions()),
-                   {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups,
-                    winograd}};
+// Runs the primitive cached under `key` (built by `build` on first use) on XLA's buffers,
+// reordering operands to and from the layouts it wants; calls are serialised.
+template <typename Key, typename Build>
+ffi::Error Execute(const char* what, std::map<Key, std::unique_ptr<Primitive>>& cache,
+                   const Key& key, Build build, ffi::Buffer<ffi::F32> a,
+                   ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
   try {
-    auto key = std::make_pair(pass, g);
-    auto it = s.cache.find(key);
-    if (it == s.cache.end()) it = s.cache.emplace(key, BuildPreferred(pass, g)).first;
+    auto it = cache.find(key);
+    if (it == cache.end()) it = cache.emplace(key, build()).first;
     Primitive& p = *it->second;
     p.in0.buffer.set_data_handle(a.typed_data());
     p.in1.buffer.set_data_handle(b.typed_data());
@@ -257,9 +251,25 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     if (p.out.reordered) p.out.Reorder(s.stream, true);
     s.stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
+    return ffi::Error::Internal(std::string(what) + e.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+               ffi::ResultBuffer<ffi::F32> out, int64_t stride_h, int64_t stride_w,
+               int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+               int64_t groups, int64_t winograd) {
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
+      out->dimensions().size() != 4) {
+    return ffi::Error::InvalidArgument("oneDNN convolution: operands must have rank 4");
+  }
+  const Geometry g{DimsOf(a.dimensions()), DimsOf(b.dimensions()), DimsOf(out->dimensions()),
+                   {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups,
+                    winograd}};
+  const auto key = std::make_pair(pass, g);
+  return Execute("oneDNN convolution: ", state().cache, key,
+                 [&] { return BuildPreferred(pass, g); }, a, b, out);
 }
 
 template <Pass kPass>
@@ -315,25 +325,8 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       !ToDims4(out->dimensions(), key[2][0]) || !ToDims4(out_axes, key[2][1])) {
     return ffi::Error::InvalidArgument("oneDNN matmul: operands and axes must have rank 4");
   }
-  State& s = state();
-  std::lock_guard<std::mutex> lock(s.mutex);
-  try {
-    auto it = s.matmuls.find(key);
-    if (it == s.matmuls.end()) it = s.matmuls.emplace(key, BuildMatmul(key)).first;
-    Primitive& p = *it->second;
-    p.in0.buffer.set_data_handle(a.typed_data());
-    p.in1.buffer.set_data_handle(b.typed_data());
-    p.out.buffer.set_data_handle(out->typed_data());
-    Place(p.scratchpad, s.scratchpad);
-    p.primitive.execute(s.stream, {{DNNL_ARG_SRC, p.in0.buffer},
-                                   {DNNL_ARG_WEIGHTS, p.in1.buffer},
-                                   {DNNL_ARG_DST, p.out.buffer},
-                                   {DNNL_ARG_SCRATCHPAD, p.scratchpad}});
-    s.stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN matmul: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return Execute("oneDNN matmul: ", state().matmuls, key, [&] { return BuildMatmul(key); },
+                 a, b, out);
 }
 
 }  // namespace
