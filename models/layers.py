@@ -56,10 +56,19 @@ def Conv(features: int, kernel_size=3, strides=1, *, groups: int = 1, dilation=1
                    conv_general_dilated=ops.conv_general_dilated)
 
 
+# The activations ``ops.batch_norm`` fuses, by the functions models pass.
+_FUSED_ACTIVATIONS = {jax.nn.relu: "relu", jax.nn.relu6: "relu6", jax.nn.silu: "silu",
+                      ops.hard_swish: "hard_swish"}
+
+
 class FusedBatchNorm(nn.BatchNorm):
-    """``nn.BatchNorm`` whose training pass over NHWC features differentiates through
-    ``ops.batch_norm``: the gradient in one loop after two sums, where autodiff of Flax's
-    formulation takes more passes over the activations. Same variables, same values."""
+    """``nn.BatchNorm`` followed by ``act`` (None: none), whose training pass over NHWC
+    features differentiates through ``ops.batch_norm``: the gradient in one loop after two
+    sums, where autodiff of Flax's formulation takes more passes over the activations, and the
+    activation's derivative recomputed from the input (for those ``ops.batch_norm`` knows).
+    Same variables, same values."""
+
+    act: Activation | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -68,23 +77,30 @@ class FusedBatchNorm(nn.BatchNorm):
         if (running or self.is_initializing() or mask is not None
                 or self.axis not in (-1, x.ndim - 1) or self.axis_name is not None
                 or not (self.use_scale and self.use_bias) or not self.force_float32_reductions):
-            return super().__call__(x, use_running_average, mask=mask)
+            return self._activate(super().__call__(x, use_running_average, mask=mask))
         features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
-        y, mean, var = ops.batch_norm(x, scale, bias, self.epsilon)
+        fused = _FUSED_ACTIVATIONS.get(self.act)
+        y, mean, var = ops.batch_norm(x, scale, bias, self.epsilon, fused)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+        y = y.astype(self.dtype or jnp.result_type(x, scale, bias))
+        return y if fused else self._activate(y)
+
+    def _activate(self, y):
+        return y if self.act is None else self.act(y)
 
 
 def BatchNorm(train: bool, *, eps: float = TORCH_BN_EPS, momentum: float = TORCH_BN_MOMENTUM,
-              dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> nn.BatchNorm:
-    """BatchNorm that uses batch statistics when ``train`` and running statistics otherwise."""
+              dtype: Dtype = jnp.float32, act: Activation | None = None, name: str | None = None,
+              **kw) -> nn.BatchNorm:
+    """BatchNorm, then ``act``, that uses batch statistics when ``train`` and running
+    statistics otherwise."""
     return FusedBatchNorm(use_running_average=not train, momentum=momentum, epsilon=eps,
-                          dtype=dtype, name=name, **kw)
+                          dtype=dtype, act=act, name=name, **kw)
 
 
 class ConvBN(nn.Module):
@@ -108,9 +124,8 @@ class ConvBN(nn.Module):
         x = Conv(self.features, self.kernel_size, self.strides, groups=self.groups,
                  dilation=self.dilation, padding=self.padding, use_bias=self.use_bias,
                  dtype=self.dtype, name="conv")(x)
-        x = BatchNorm(train, eps=self.bn_eps, momentum=self.bn_momentum, dtype=self.dtype,
-                      name="bn")(x)
-        return x if self.act is None else self.act(x)
+        return BatchNorm(train, eps=self.bn_eps, momentum=self.bn_momentum, dtype=self.dtype,
+                         act=self.act, name="bn")(x)
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False):
@@ -175,14 +190,7 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new + divisor if new < 0.9 * value else new
 
 
-def hard_sigmoid(x):
-    return jax.nn.relu6(x + 3.0) / 6.0
-
-
-def hard_swish(x):
-    return x * hard_sigmoid(x)
-
-
+hard_sigmoid, hard_swish = ops.hard_sigmoid, ops.hard_swish
 gelu = functools.partial(jax.nn.gelu, approximate=False)
 
 

@@ -28,9 +28,12 @@ JAX differentiates ``reduce_window`` max through a variadic reduce-window carryi
 index arrays and a scatter; here the gradient goes to the first maximum of each window (as
 PyTorch's ``MaxPool2d``) through one fused loop over the window's taps.
 
-``batch_norm`` is a training-mode batch normalization with its gradient written out: two sums
-and one elementwise loop over the activations, where autodiff of Flax's formulation makes more
-passes (2–6% of a CNN's train step here). It applies on every backend.
+``batch_norm`` is a training-mode batch normalization, and the activation that follows it,
+with its gradient written out: two sums and one elementwise loop over the activations, the
+activation's derivative recomputed from the input, where autodiff of Flax's formulation makes
+more passes and keeps the normalized values. It applies on every backend; on the CPU each pair
+of sums is one pass of this project's own (``onednn.batch_norm_sums``), where XLA takes a pass
+per sum: MobileNetV2's train step 1.19× faster, EfficientNet-B0's 1.14×.
 
 The others apply on the CPU backend only (``lax.platform_dependent``): GPUs and TPUs keep
 XLA's own lowering. The values are those of ``lax.conv_general_dilated``, ``lax.dot_general``,
@@ -328,35 +331,105 @@ def _place_tap(values, offset, strides, padded_hw):
 _max_pool_first_max_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm(x, scale, bias, eps: float):
-    """Normalizes ``x`` over all axes but the last with its batch statistics: returns
-    (``y``, mean, variance) in float32, the variance as E[x²] − E[x]² (Flax's fast variance)."""
-    return _batch_norm_fwd(x, scale, bias, eps)[0]
+def hard_sigmoid(x):
+    return jax.nn.relu6(x + 3.0) / 6.0
 
 
-def _batch_norm_fwd(x, scale, bias, eps):
-    axes = tuple(range(x.ndim - 1))
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(axes)
-    var = jnp.maximum((x32 * x32).mean(axes) - mean * mean, 0.0)
-    rstd = lax.rsqrt(var + eps)
-    y = (x32 - mean) * (scale * rstd) + bias
-    return (y, mean, var), (x, mean, rstd, scale)
+def hard_swish(x):
+    return x * hard_sigmoid(x)
 
 
-def _batch_norm_bwd(eps, residuals, cotangents):
-    """The gradient in two passes over ``x``: the two sums, then one elementwise loop."""
-    x, mean, rstd, scale = residuals
-    dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
+def _silu_derivative(pre):
+    s = jax.nn.sigmoid(pre)
+    return s * (1.0 + pre * (1.0 - s))
+
+
+def _hard_swish_derivative(pre):
+    return jnp.where(pre < -3.0, 0.0, jnp.where(pre > 3.0, 1.0, (2.0 * pre + 3.0) / 6.0))
+
+
+# The activations ``batch_norm`` applies itself, by name: (function, derivative).
+ACTIVATIONS = {
+    "relu": (jax.nn.relu, lambda pre: (pre > 0.0).astype(pre.dtype)),
+    "relu6": (jax.nn.relu6, lambda pre: ((pre > 0.0) & (pre < 6.0)).astype(pre.dtype)),
+    "silu": (jax.nn.silu, _silu_derivative),
+    "hard_swish": (hard_swish, _hard_swish_derivative),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm(x, scale, bias, eps: float, activation: str | None = None):
+    """Normalizes ``x`` over all axes but the last with its batch statistics, then applies the
+    named ``activation`` (a key of ``ACTIVATIONS``, or None): returns (``y``, mean, variance)
+    in float32, the variance as E[x²] − E[x]² (Flax's fast variance). The gradient recomputes
+    the activation's derivative from ``x``: nothing but ``x`` is kept for it."""
+    return _batch_norm_fwd(x, scale, bias, eps, activation)[0]
+
+
+def _native_sums(x) -> bool:
+    return x.dtype == jnp.float32 and x.ndim == 4 and onednn.enabled()
+
+
+def _batch_stats(x):
     axes = tuple(range(x.ndim - 1))
     count = math.prod(x.shape[:-1])
-    centred = x.astype(jnp.float32) - mean
-    dbias = dy.sum(axes)
-    dscale = (dy * centred).sum(axes) * rstd
-    dx = (scale * rstd * (dy - dbias / count - centred * (rstd * dscale / count))
+
+    def xla(x):
+        x32 = x.astype(jnp.float32)
+        return x32.sum(axes), (x32 * x32).sum(axes)
+
+    def native(x):
+        total = onednn.batch_norm_sums(x).sum(0)
+        return total[0], total[1]
+    sums = (lax.platform_dependent(x, cpu=native, default=xla) if _native_sums(x) else xla(x))
+    mean = sums[0] / count
+    return mean, jnp.maximum(sums[1] / count - mean * mean, 0.0)
+
+
+def _affine(scale, bias, mean, rstd):
+    """(a, b) with a·x + b = (x − mean)·rstd·scale + bias."""
+    a = scale * rstd
+    return a, bias - mean * a
+
+
+def _batch_norm_fwd(x, scale, bias, eps, activation):
+    mean, var = _batch_stats(x)
+    rstd = lax.rsqrt(var + eps)
+    a, b = _affine(scale, bias, mean, rstd)
+    y = x.astype(jnp.float32) * a + b
+    if activation is not None:
+        y = ACTIVATIONS[activation][0](y)
+    return (y, mean, var), (x, mean, rstd, scale, bias)
+
+
+def _grad_sums(x, dy, g, a, b, mean, activation):
+    """Σ g and Σ g·(x − mean) over all axes but the last, g = dy · act'(a·x + b)."""
+    axes = tuple(range(x.ndim - 1))
+
+    def xla(x, dy):
+        return g.sum(axes), (g * (x.astype(jnp.float32) - mean)).sum(axes)
+
+    def native(x, dy):
+        total = onednn.batch_norm_grad_sums(x, dy, a, b, mean, activation).sum(0)
+        return total[0], total[1]
+    if _native_sums(x) and dy.dtype == jnp.float32:
+        return lax.platform_dependent(x, dy, cpu=native, default=xla)
+    return xla(x, dy)
+
+
+def _batch_norm_bwd(eps, activation, residuals, cotangents):
+    """The gradient in two passes over ``x``: the two sums, then one elementwise loop."""
+    x, mean, rstd, scale, bias = residuals
+    dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
+    count = math.prod(x.shape[:-1])
+    a, b = _affine(scale, bias, mean, rstd)
+    x32 = x.astype(jnp.float32)
+    g = dy if activation is None else dy * ACTIVATIONS[activation][1](x32 * a + b)
+    sum_g, sum_gc = _grad_sums(x, cotangents[0], g, a, b, mean, activation)
+    centred = x32 - mean
+    dx = (a * (g - sum_g / count - centred * (rstd * rstd * sum_gc / count))
           + (dmean + 2.0 * dvar * centred) / count)
-    return dx.astype(x.dtype), dscale, dbias
+    return dx.astype(x.dtype), sum_gc * rstd, sum_g
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -34,8 +34,8 @@ class Block(nn.Module):
         return layers.Conv(features, kernel_size, strides, use_bias=self.conv_bias,
                            dtype=self.dtype, name=name)
 
-    def bn(self, train: bool, *, name: str):
-        return layers.BatchNorm(train, eps=self.bn_eps, dtype=self.dtype, name=name)
+    def bn(self, train: bool, *, act=None, name: str):
+        return layers.BatchNorm(train, eps=self.bn_eps, dtype=self.dtype, act=act, name=name)
 
     def shortcut(self, x, out_features: int, train: bool):
         """Identity, or a strided 1×1 conv + BN (torchvision's ``downsample``) when shapes
@@ -50,7 +50,7 @@ class BasicBlock(Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         y = self.conv(self.features, 3, self.strides, name="conv1")(x)
-        y = nn.relu(self.bn(train, name="bn1")(y))
+        y = self.bn(train, act=nn.relu, name="bn1")(y)
         y = self.conv(self.features, 3, name="conv2")(y)
         y = self.bn(train, name="bn2")(y)
         return nn.relu(y + self.shortcut(x, self.features, train))
@@ -61,9 +61,9 @@ class Bottleneck(Block):
     def __call__(self, x, train: bool = False):
         stride1, stride2 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         y = self.conv(self.features, 1, stride1, name="conv1")(x)
-        y = nn.relu(self.bn(train, name="bn1")(y))
+        y = self.bn(train, act=nn.relu, name="bn1")(y)
         y = self.conv(self.features, 3, stride2, name="conv2")(y)
-        y = nn.relu(self.bn(train, name="bn2")(y))
+        y = self.bn(train, act=nn.relu, name="bn2")(y)
         y = self.conv(self.features * 4, 1, name="conv3")(y)
         y = self.bn(train, name="bn3")(y)
         return nn.relu(y + self.shortcut(x, self.features * 4, train))
@@ -113,7 +113,8 @@ class Stem(nn.Module):
         kernel_size, strides = (3, 1) if self.small else (7, 2)
         x = layers.Conv(self.features, kernel_size, strides, use_bias=self.conv_bias,
                         dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(layers.BatchNorm(train, eps=self.bn_eps, dtype=self.dtype, name="bn1")(x))
+        x = layers.BatchNorm(train, eps=self.bn_eps, dtype=self.dtype, act=nn.relu,
+                             name="bn1")(x)
         return x if self.small else layers.max_pool(x, 3, 2, padding=1)
 
 

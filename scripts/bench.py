@@ -6,9 +6,10 @@
 
 Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
 settings are its own, and the measurements run one at a time. Where two sides are compared
-(ours, PyTorch, PyTorch without glibc's tunables) their processes take turns, a few steps
+(PyTorch, PyTorch without glibc's tunables, ours) their processes take turns, a few steps
 each after one untimed step, until each has its steps: the machine's drift over minutes
-(±15% seen here) moves both sides alike instead of the ratio. Writes ``bench.json`` (one
+(±15% seen here) moves both sides alike instead of the ratio. They set up in that order,
+ours last: of two identical processes, the first set up measured 1.5–5% faster here. Writes ``bench.json`` (one
 record per measurement: ``model``, ``what``, ``ours``, ``peer``, ``ratio``, …) and ``bench.md``.
 """
 
@@ -296,16 +297,17 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
         log(f"{model:>16} {what:<28} ours {ours:10.2f} {unit}"
             + (f"  peer {peer:10.2f}  ratio {rec['ratio']:.2f}" if peer else ""))
 
-    peak = [r["gflop_s"] for r in measure_interleaved(
-        [(f"{who}_matmul", False, dict(steps=10 * steps)) for who in ("ours", "peer")],
+    peer_peak, ours_peak = [r["gflop_s"] for r in measure_interleaved(
+        [(f"{who}_matmul", False, dict(steps=10 * steps)) for who in ("peer", "ours")],
         turn_steps=2 * steps)]
+    peak = (ours_peak, peer_peak)
     record("machine", f"float32 matmul {MATMUL}³", *peak, unit="GFLOP/s")
     for model in models:
         for kind in ("train", "inference"):
             shape = dict(model=model, batch=batch, size=size, steps=steps)
-            ours, peer, as_shipped = measure_interleaved(
-                [(f"ours_{kind}", False, shape), (f"peer_{kind}", False, shape),
-                 (f"peer_{kind}", True, shape)])
+            peer, as_shipped, ours = measure_interleaved(
+                [(f"peer_{kind}", False, shape), (f"peer_{kind}", True, shape),
+                 (f"ours_{kind}", False, shape)])
             if kind == "train":  # img/s if the step's flops ran at the matmul rate
                 limit = max(peak) * 1e9 * batch / ours["flops"]
                 bound = dict(peak_bound=limit, ours_of_bound=ours["img_s"] / limit,
@@ -372,7 +374,8 @@ def markdown(records: list[dict], env: dict, args) -> str:
              f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
              f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
              f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps, "
-             "the compared sides taking turns (2 steps each, after an untimed one); "
+             "the compared sides taking turns (2 steps each, after an untimed one; PyTorch set up "
+             "first); "
              f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}` for both "
              "(`peer_glibc_defaults`: PyTorch without it).", "",
              "| model | measurement | ours | PyTorch | ratio | notes |",

@@ -1,5 +1,7 @@
-"""oneDNN convolutions and matrix products through XLA's FFI against XLA's own, alone, under
-jit over a sharded mesh, and inside a model's train step."""
+"""oneDNN convolutions and matrix products, and the batch norm's native sums, through XLA's FFI
+against XLA's own, alone, under jit over a sharded mesh, and inside a model's train step."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from models import onednn, ops
-from tests.test_ops import NHWC, assert_same_values_and_gradients, grouped_conv
+from tests.test_ops import (NHWC, assert_batch_norm_equals_autodiff,
+                            assert_same_values_and_gradients, grouped_conv)
 
 needs_onednn = pytest.mark.skipif(
     not onednn.available(),
@@ -196,4 +199,56 @@ def test_each_device_multiplies_its_shard_of_the_batch():
     reference = jax.grad(lambda q, k: (jnp.einsum("bmhd,bnhd->bhmn", q, k) ** 2).sum(), (0, 1))
     for ours, theirs in zip(jax.jit(grads)(*sharded), reference(q, k)):
         assert ours.sharding.spec[0] == "data"
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, *ops.ACTIVATIONS])
+def test_batch_norm_on_native_sums_equals_autodiff(activation):
+    assert_batch_norm_equals_autodiff(activation)
+
+
+@needs_onednn
+def test_batch_norm_sums_each_pair_in_one_native_pass():
+    """No XLA reduction over the activations: the statistics and the gradient's two sums are
+    one call each."""
+    x = jnp.ones((2, 4, 4, 3), jnp.float32)
+    grad = jax.grad(lambda x: ops.batch_norm(x, jnp.ones(3), jnp.zeros(3), 1e-5, "silu")[0].sum())
+    text = compiled_text(grad, x)
+    assert (text.count("transferlab_onednn_batch_norm_sums"),
+            text.count("transferlab_onednn_batch_norm_grad_sums")) == (1, 1)
+    assert not re.search(r"f32\[[^\]]*\] reduce\(f32\[2,4,4,3\]", text)
+
+
+@needs_onednn
+@pytest.mark.parametrize("images,rows", [(1, 4099), (3, 7)])
+def test_native_sums_per_image_equal_numpys(images, rows):
+    """Over one image split into chunks among the threads, and over images of a few rows."""
+    rng = np.random.default_rng(0)
+    x, dy = (rng.standard_normal((images, rows, 1, 19)).astype(np.float32) for _ in range(2))
+    a, b, mean = (rng.standard_normal(19).astype(np.float32) for _ in range(3))
+    np.testing.assert_allclose(onednn.batch_norm_sums(x),
+                               np.stack([x.sum((1, 2)), (x * x).sum((1, 2))], 1),
+                               rtol=1e-5, atol=1e-3)
+    pre = x * a + b
+    g = dy * np.where(pre > 0, 1.0, 0.0)
+    np.testing.assert_allclose(onednn.batch_norm_grad_sums(x, dy, a, b, mean, "relu"),
+                               np.stack([g.sum((1, 2)), (g * (x - mean)).sum((1, 2))], 1),
+                               rtol=1e-5, atol=1e-3)
+
+
+@needs_onednn
+def test_each_device_sums_its_shard_of_the_batch():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 5, 5, 3)) + 1, jnp.float32)
+    scale, bias = jnp.linspace(0.5, 2, 3), jnp.linspace(-1, 1, 3)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    loss = lambda x, scale: (ops.batch_norm(x, scale, bias, 1e-5, "relu")[0] ** 3).sum()
+    grads = jax.grad(loss, (0, 1))
+    text = compiled_text(grads, sharded, scale)
+    assert "transferlab_onednn_batch_norm_grad_sums" in text and "all-gather" not in text
+    with onednn.disabled():
+        expected = jax.jit(jax.grad(lambda x, scale: loss(x, scale), (0, 1)))(x, scale)
+    for ours, theirs in zip(jax.jit(grads)(sharded, scale), expected):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)

@@ -141,44 +141,76 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
     np.testing.assert_array_equal(grad, expected)
 
 
-def batch_norm_by_autodiff(x, scale, bias, eps):
+def batch_norm_by_autodiff(x, scale, bias, eps, activation=None):
     mean = x.mean((0, 1, 2))
     var = (x * x).mean((0, 1, 2)) - mean * mean
-    return (x - mean) * lax.rsqrt(var + eps) * scale + bias, mean, var
+    y = (x - mean) * lax.rsqrt(var + eps) * scale + bias
+    act = {None: lambda y: y, "relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu,
+           "hard_swish": lambda y: y * jax.nn.relu6(y + 3) / 6}[activation]
+    return act(y), mean, var
 
 
-def test_batch_norm_and_its_gradients_equal_autodiff():
-    """Including the gradients through the returned statistics."""
+def assert_batch_norm_equals_autodiff(activation, shape=(3, 4, 5, 6)):
+    """Including the gradients through the returned statistics, scales and shifts that put
+    values on every piece of each activation."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((3, 4, 5, 6)) * 2 + 1, jnp.float32)
-    scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
-    assert_same_values_and_gradients(lambda *a: ops.batch_norm(*a, 1e-5),
-                                     lambda *a: batch_norm_by_autodiff(*a, 1e-5), x, scale, bias,
-                                     atol=1e-4)
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + 1, jnp.float32)
+    scale, bias = jnp.linspace(0.5, 4, shape[-1]), jnp.linspace(-3, 4, shape[-1])
+    assert_same_values_and_gradients(lambda *a: ops.batch_norm(*a, 1e-5, activation),
+                                     lambda *a: batch_norm_by_autodiff(*a, 1e-5, activation),
+                                     x, scale, bias, atol=1e-4)
 
 
-def test_fused_batch_norm_trains_as_flaxs():
-    """Same variables, outputs, running statistics and gradients as ``nn.BatchNorm``."""
+@pytest.mark.parametrize("activation", [None, *ops.ACTIVATIONS])
+def test_batch_norm_and_its_gradients_equal_autodiff(activation):
+    with onednn.disabled():  # XLA's sums (test_onednn checks the native ones)
+        assert_batch_norm_equals_autodiff(activation)
+
+
+class FlaxBatchNormThen(nn.Module):
+    act: layers.Activation | None
+    use_running_average: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.BatchNorm(self.use_running_average, momentum=0.9, epsilon=1e-3, name="bn")(x)
+        return y if self.act is None else self.act(y)
+
+
+@pytest.mark.parametrize("act", [None, nn.relu, jax.nn.relu6, nn.silu, layers.hard_swish,
+                                 jnp.tanh])
+def test_fused_batch_norm_trains_and_evaluates_as_flaxs_then_its_activation(act):
+    """Same variables, outputs, running statistics and gradients as ``nn.BatchNorm`` followed
+    by ``act``, whether ``ops.batch_norm`` fuses it (all but tanh) or not."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
     g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    ours, flax_bn = (module(use_running_average=False, momentum=0.9, epsilon=1e-3)
-                     for module in (layers.FusedBatchNorm, nn.BatchNorm))
+    ours = layers.FusedBatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3, act=act)
+    theirs = FlaxBatchNormThen(act)
+    nested = lambda tree: {collection: {"bn": v} for collection, v in tree.items()}
     variables = ours.init(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
-        jnp.shape, flax_bn.init(jax.random.key(0), x))
+    assert jax.tree.map(jnp.shape, nested(variables)) == jax.tree.map(
+        jnp.shape, theirs.init(jax.random.key(0), x))
     params = {"scale": jnp.linspace(0.5, 2, 6), "bias": jnp.linspace(-1, 1, 6)}
 
-    def train(module):
+    def train(module, nest):
         def loss(params, x):
-            y, updates = module.apply({"params": params,
-                                       "batch_stats": variables["batch_stats"]},
+            y, updates = module.apply(nest({"params": params,
+                                            "batch_stats": variables["batch_stats"]}),
                                       x, mutable=["batch_stats"])
             return (y * g).sum() + (y * y).sum(), updates
         return jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
 
-    for a, b in zip(jax.tree.leaves(train(ours)), jax.tree.leaves(train(flax_bn))):
+    (ours_loss, ours_stats), ours_grads = train(ours, lambda tree: tree)
+    (their_loss, their_stats), their_grads = train(theirs, nested)
+    for a, b in zip(jax.tree.leaves((ours_loss, nested(ours_stats), ours_grads)),
+                    jax.tree.leaves((their_loss, their_stats, their_grads))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    running = {"params": params, "batch_stats": ours_stats["batch_stats"]}
+    np.testing.assert_allclose(
+        layers.FusedBatchNorm(use_running_average=True, epsilon=1e-3, act=act).apply(running, x),
+        FlaxBatchNormThen(act, use_running_average=True).apply(nested(running), x),
+        rtol=1e-6, atol=1e-6)
 
 
 def test_dot_product_attention_and_its_gradients_equal_jaxs():

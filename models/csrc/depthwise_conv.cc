@@ -11,8 +11,10 @@
 // added in order, so the result does not depend on the number of threads.
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
+#include "openmp_lock.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -91,6 +93,7 @@ ffi::Error DepthwiseBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
                  stride_h, stride_w, pad_top, pad_left};
   const int64_t taps = g.kh * g.kw, blocks = (g.c + kLanes - 1) / kLanes;
   std::vector<float> partial(g.n * taps * g.c);
+  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t b = 0; b < blocks; ++b) {

@@ -35,6 +35,7 @@
 #include <tuple>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "openmp_lock.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -133,7 +134,6 @@ using MatmulKey = std::array<Dims4x2, 3>;
 struct State {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
-  std::mutex mutex;
   std::map<std::pair<Pass, Geometry>, std::unique_ptr<Primitive>> cache;
   std::map<MatmulKey, std::unique_ptr<Primitive>> matmuls;
   Arena in0, in1, out, scratchpad, reorder_scratchpad;
@@ -229,7 +229,7 @@ ffi::Error Execute(const char* what, std::map<Key, std::unique_ptr<Primitive>>& 
                    const Key& key, Build build, ffi::Buffer<ffi::F32> a,
                    ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out) {
   State& s = state();
-  std::lock_guard<std::mutex> lock(s.mutex);
+  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
   try {
     auto it = cache.find(key);
     if (it == cache.end()) it = cache.emplace(key, build()).first;
@@ -336,7 +336,7 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 extern "C" size_t OnednnConvImplementations(char* out, size_t size) {
   static const char* const kPassNames[] = {"forward", "backward_data", "backward_weights"};
   State& s = state();
-  std::lock_guard<std::mutex> lock(s.mutex);
+  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
   std::string text;
   for (const auto& [key, primitive] : s.cache) {
     text += std::string(kPassNames[static_cast<int>(key.first)]) + " " +
