@@ -37,8 +37,9 @@ class VGGBlock(nn.Module):
         for j in range(1, self.depth + 1):
             x = layers.Conv(self.features, 3, use_bias=True, dtype=self.dtype, name=f"conv{j}")(x)
             if self.batch_norm:
-                x = layers.BatchNorm(train, dtype=self.dtype, name=f"bn{j}")(x)
-            x = nn.relu(x)
+                x = layers.BatchNorm(train, dtype=self.dtype, act=nn.relu, name=f"bn{j}")(x)
+            else:
+                x = nn.relu(x)
         return layers.max_pool(x, 2, 2)
 
 

@@ -33,9 +33,9 @@ RESIDUAL_BLOCKS = (
 FINAL_WIDTHS = (1536, 2048)
 
 
-def bn(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:
+def bn(module: nn.Module, train: bool, name: str, act=None) -> nn.BatchNorm:
     return layers.BatchNorm(train, eps=module.bn_eps, momentum=module.bn_momentum,
-                            dtype=module.dtype, name=name)
+                            dtype=module.dtype, act=act, name=name)
 
 
 class SeparableConv(nn.Module):
@@ -64,7 +64,7 @@ class EntryConvs(nn.Module):
         for i, (features, strides) in enumerate(((32, 2), (64, 1)), 1):
             x = layers.Conv(features, 3, strides, padding="valid", dtype=self.dtype,
                             name=f"conv{i}")(x)
-            x = nn.relu(bn(self, train, f"conv{i}_bn")(x))
+            x = bn(self, train, f"conv{i}_bn", nn.relu)(x)
         return x
 
 
@@ -111,7 +111,7 @@ class ExitConvs(nn.Module):
     def __call__(self, x, train: bool = False):
         for i, features in enumerate(self.widths, 1):
             x = SeparableConv(features, self.dtype, name=f"sepconv{i}")(x)
-            x = nn.relu(bn(self, train, f"sepconv{i}_bn")(x))
+            x = bn(self, train, f"sepconv{i}_bn", nn.relu)(x)
         return x
 
 
