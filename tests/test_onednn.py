@@ -252,3 +252,17 @@ def test_each_device_sums_its_shard_of_the_batch():
         expected = jax.jit(jax.grad(lambda x, scale: loss(x, scale), (0, 1)))(x, scale)
     for ours, theirs in zip(jax.jit(grads)(sharded, scale), expected):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_each_device_pools_the_gradient_of_its_shard_of_the_batch():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 9, 9, 5)), jnp.float32)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    grad = jax.grad(lambda x: (ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) ** 2).sum())
+    text = compiled_text(grad, sharded)
+    assert "transferlab_onednn_max_pool_backward" in text and "all-gather" not in text
+    with onednn.disabled():
+        expected = jax.jit(lambda x: grad(x))(x)
+    np.testing.assert_allclose(jax.jit(grad)(sharded), expected, atol=1e-6)

@@ -114,12 +114,26 @@ def test_dense_kernel_gradient_on_the_cpu_copies_no_transpose(dot_general, copie
     assert bool(re.search(r"= f32\S* (transpose|copy)\(", hlo)) == copies
 
 
+@pytest.fixture(params=["native", "xla"])
+def gradient_kernel(request):
+    """Max pooling's gradient from this project's kernel (``onednn.max_pool_backward``), or
+    from XLA's formulation."""
+    if request.param == "xla":
+        with onednn.disabled():
+            yield request.param
+    elif not onednn.available():
+        pytest.skip(f"the native library is unavailable ({onednn.unavailable_reason()})")
+    else:
+        yield request.param
+
+
 @pytest.mark.parametrize("window,stride,padding", [
     (3, 2, ((1, 1), (1, 1))), (3, 2, "SAME"), (2, 2, "VALID"), (3, 1, ((1, 1), (1, 1))),
     (3, 2, ((0, 1), (0, 1)))])
-def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, padding):
+def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, padding,
+                                                           gradient_kernel):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 67)), jnp.float32)  # 2 blocks of channels
     pads = padding if isinstance(padding, str) else ((0, 0), *padding, (0, 0))
     theirs = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
                                          (1, stride, stride, 1), pads)
@@ -131,7 +145,7 @@ def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, paddi
                                pullback(g)[0], atol=1e-6)  # overlapping windows add in turn
 
 
-def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(gradient_kernel):
     """As PyTorch's MaxPool2d: after a ReLU, windows of zeros pass their gradient to the top
     left zero only."""
     x = jnp.zeros((1, 4, 4, 1)).at[0, 3, 3, 0].set(1.0)
