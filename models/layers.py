@@ -7,7 +7,6 @@ follow PyTorch (momentum 0.1, i.e. Flax's 0.9, epsilon 1e-5); Keras weights use 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -190,8 +189,7 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new + divisor if new < 0.9 * value else new
 
 
-hard_sigmoid, hard_swish = ops.hard_sigmoid, ops.hard_swish
-gelu = functools.partial(jax.nn.gelu, approximate=False)
+hard_sigmoid, hard_swish, gelu = ops.hard_sigmoid, ops.hard_swish, ops.gelu
 
 
 class SqueezeExcite(nn.Module):

@@ -157,8 +157,8 @@ def winograd_suits(kernel_shape, strides, groups: int) -> bool:
             and os.environ.get("TRANSFERLAB_ONEDNN_WINOGRAD", "1") != "0")
 
 
-def _call(name: str, a, b, out_shape, strides, pads: Pads, groups: int):
-    (top, bottom), (left, right) = pads
+def _call(name: str, a, b, out_shape, geometry: tuple[tuple[int, int], Pads, int]):
+    strides, ((top, bottom), (left, right)), groups = geometry
     kernel_shape = out_shape if name.endswith("backward_weights") else b.shape
     out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
     return jax.ffi.ffi_call(f"transferlab_onednn_{name}", out, vmap_method="sequential")(
@@ -185,29 +185,29 @@ def _non_batch_factors(rule: str) -> tuple[str, ...]:
 
 
 def _batch_parallel(rule: str, local_fn, batch_in_output: bool):
-    """``local_fn(a, b, out_shape, strides, pads, groups)`` partitioned over the batch (first) axis:
-    each device runs it on its shard of ``a`` (and of ``b`` when the result has no batch
-    axis, which is then summed over the devices); ``b`` is otherwise replicated."""
-    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4, 5))
-    def fn(a, b, out_shape, strides, pads, groups):
-        return local_fn(a, b, out_shape, strides, pads, groups)
+    """``local_fn(a, b, out_shape, params)`` (``params`` static) partitioned over the batch
+    (first) axis: each device runs it on its shard of ``a`` (and of ``b`` when the result has
+    no batch axis, which is then summed over the devices); ``b`` is otherwise replicated."""
+    @functools.partial(custom_partitioning, static_argnums=(2, 3))
+    def fn(a, b, out_shape, params):
+        return local_fn(a, b, out_shape, params)
 
     def output_sharding(mesh, arg_shapes):
         return NamedSharding(mesh, P(_batch_axis(arg_shapes[0]) if batch_in_output else None))
 
-    def partition(out_shape, strides, pads, groups, mesh, arg_shapes, result_shape):
+    def partition(out_shape, params, mesh, arg_shapes, result_shape):
         batch = _batch_axis(arg_shapes[0])
         sharded, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
         operands = (sharded, replicated if batch_in_output else sharded)
 
         def lower(a, b):
             shape = (a.shape[0], *out_shape[1:]) if batch_in_output else out_shape
-            out = local_fn(a, b, shape, strides, pads, groups)
+            out = local_fn(a, b, shape, params)
             return out if batch_in_output or batch is None else jax.lax.psum(out, batch)
         return mesh, lower, output_sharding(mesh, arg_shapes), operands
 
     fn.def_partition(
-        infer_sharding_from_operands=lambda *a: output_sharding(a[4], a[5]),
+        infer_sharding_from_operands=lambda *a: output_sharding(a[2], a[3]),
         partition=partition, sharding_rule=rule,
         reduction_factors=() if batch_in_output else ("b",),
         need_replication_factors=_non_batch_factors(rule))
@@ -229,7 +229,7 @@ def conv(x, w, strides: tuple[int, int], pads: Pads, groups: int = 1):
     """Convolution of float32 NHWC ``x`` with an HWIO kernel ``w`` (no dilation), ``pads``
     explicit ((top, bottom), (left, right)), ``groups`` its ``feature_group_count``:
     ``lax.conv_general_dilated``'s values."""
-    return _forward(x, w, _output_shape(x.shape, w.shape, strides, pads), strides, pads, groups)
+    return _forward(x, w, _output_shape(x.shape, w.shape, strides, pads), (strides, pads, groups))
 
 
 def _conv_forward(x, w, strides, pads, groups):
@@ -241,8 +241,8 @@ def _conv_backward(strides, pads, groups, residuals, dy):
     # oneDNN's depthwise kernel gradient is 3×3 only; its grouped one is 3–4× slower than ours
     own = groups == x.shape[-1] == w.shape[-1] and tuple(w.shape[:2]) != (3, 3)
     kernel_gradient = _depthwise_backward_weights if own else _backward_weights
-    return (_backward_data(dy, w, x.shape, strides, pads, groups),
-            kernel_gradient(x, dy, w.shape, strides, pads, groups))
+    geometry = (strides, pads, groups)
+    return (_backward_data(dy, w, x.shape, geometry), kernel_gradient(x, dy, w.shape, geometry))
 
 
 conv.defvjp(_conv_forward, _conv_backward)
@@ -331,6 +331,44 @@ def _matmul_backward(a_axes, b_axes, out_axes, residuals, dc):
 
 
 matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+_ROWS, _COLUMNS = (0, 1, 2, 3), (0, 1, 3, 2)  # a matrix's view: itself, or its transpose
+
+
+def _matrix_product(a, b, out_shape, transposed: str):
+    """``a`` and ``b`` taken as matrices (all axes but the last merged into rows) multiplied
+    in one oneDNN call: a·b, aᵀ·b (``transposed`` "a") or a·bᵀ ("b")."""
+    out = _matmul_call(a.reshape(1, 1, -1, a.shape[-1]), b.reshape(1, 1, -1, b.shape[-1]),
+                       _COLUMNS if transposed == "a" else _ROWS,
+                       _COLUMNS if transposed == "b" else _ROWS, _ROWS)
+    return out.reshape(out_shape)
+
+
+_dense_forward = _batch_parallel("b r k, k n -> b r n", _matrix_product, True)
+_dense_input_grad = _batch_parallel("b r n, k n -> b r k", _matrix_product, True)
+_dense_kernel_grad = _batch_parallel("b r k, b r n -> k n", _matrix_product, False)
+
+
+@jax.custom_vjp
+def dense(x, w):
+    """``x @ w`` of float32 ``x`` (batch, rows, k) and ``w`` (k, n), a Dense layer over tokens,
+    as one product of (batch × rows) by k and k by n matrices; its gradients likewise, reading
+    ``w`` and ``x`` transposed in place. A mesh shards the batch: each device multiplies its own
+    rows, and the kernel gradient is summed over the devices."""
+    return _dense_forward(x, w, (*x.shape[:2], w.shape[1]), "")
+
+
+def _dense_fwd(x, w):
+    return dense(x, w), (x, w)
+
+
+def _dense_bwd(residuals, g):
+    x, w = residuals
+    return _dense_input_grad(g, w, x.shape, "b"), _dense_kernel_grad(x, g, w.shape, "a")
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # The activations ``batch_norm_grad_sums`` differentiates, by their codes in csrc/batch_norm.cc.

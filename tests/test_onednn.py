@@ -203,6 +203,35 @@ def test_each_device_multiplies_its_shard_of_the_batch():
 
 
 @needs_onednn
+def test_dense_layers_run_one_onednn_product_per_pass():
+    x, w = jnp.ones((2, 7, 3, 4)), jnp.ones((3, 4, 5))
+    numbers = (((2, 3), (0, 1)), ((), ()))
+    grads = jax.grad(lambda x, w: (ops.dot_general(x, w, numbers) ** 2).sum(), (0, 1))
+    text = compiled_text(grads, x, w)
+    assert text.count("transferlab_onednn_matmul") == 3 and " dot(" not in text
+    kernels = {kernel for kind, kernel in onednn.implementations() if kind == "matmul"}
+    assert not any(kernel.startswith("ref") for kernel in kernels), kernels
+
+
+@needs_onednn
+def test_each_device_multiplies_its_rows_and_the_kernel_gradient_is_summed():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    grads = jax.grad(lambda x, w: (onednn.dense(x, w) ** 2).sum(), (0, 1))
+    text = compiled_text(grads, sharded, w)
+    assert "transferlab_onednn_matmul" in text and "all-gather" not in text
+    assert "all-reduce" in text
+    reference = jax.grad(lambda x, w: (jnp.einsum("brk,kn->brn", x, w) ** 2).sum(), (0, 1))
+    ours = jax.jit(grads)(sharded, w)
+    assert ours[0].sharding.spec[0] == "data"
+    for got, expected in zip(ours, reference(x, w)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
 @pytest.mark.parametrize("activation", [None, *ops.ACTIVATIONS])
 def test_batch_norm_on_native_sums_equals_autodiff(activation):
     assert_batch_norm_equals_autodiff(activation)

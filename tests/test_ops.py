@@ -87,6 +87,19 @@ def test_strided_conv_and_its_gradients_equal_xlas(size, kernel, stride, padding
                                          conv(lax.conv_general_dilated), x, w, atol=1e-4)
 
 
+@pytest.fixture(params=["native", "xla"])
+def kernels(request):
+    """This project's native kernels (``models.onednn``: oneDNN's products, max pooling's
+    gradient), or XLA's formulations."""
+    if request.param == "xla":
+        with onednn.disabled():
+            yield request.param
+    elif not onednn.available():
+        pytest.skip(f"the native library is unavailable ({onednn.unavailable_reason()})")
+    else:
+        yield request.param
+
+
 @pytest.mark.parametrize("lhs_shape,rhs_shape,contract", [
     ((4, 9, 6), (6, 5), ((2,), (0,))),              # Dense on tokens
     ((4, 9, 6), (6, 3, 2), ((2,), (0,))),           # query/key/value projections to heads
@@ -94,7 +107,7 @@ def test_strided_conv_and_its_gradients_equal_xlas(size, kernel, stride, padding
     ((9, 6), (6, 5), ((1,), (0,))),                 # a matrix product already
     ((6, 4, 9), (6, 5), ((0,), (0,))),              # another contraction: XLA's own
 ])
-def test_dot_general_and_its_gradients_equal_xlas(lhs_shape, rhs_shape, contract):
+def test_dot_general_and_its_gradients_equal_xlas(lhs_shape, rhs_shape, contract, kernels):
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
     rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
@@ -114,24 +127,11 @@ def test_dense_kernel_gradient_on_the_cpu_copies_no_transpose(dot_general, copie
     assert bool(re.search(r"= f32\S* (transpose|copy)\(", hlo)) == copies
 
 
-@pytest.fixture(params=["native", "xla"])
-def gradient_kernel(request):
-    """Max pooling's gradient from this project's kernel (``onednn.max_pool_backward``), or
-    from XLA's formulation."""
-    if request.param == "xla":
-        with onednn.disabled():
-            yield request.param
-    elif not onednn.available():
-        pytest.skip(f"the native library is unavailable ({onednn.unavailable_reason()})")
-    else:
-        yield request.param
-
-
 @pytest.mark.parametrize("window,stride,padding", [
     (3, 2, ((1, 1), (1, 1))), (3, 2, "SAME"), (2, 2, "VALID"), (3, 1, ((1, 1), (1, 1))),
     (3, 2, ((0, 1), (0, 1)))])
 def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, padding,
-                                                           gradient_kernel):
+                                                           kernels):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 9, 9, 67)), jnp.float32)  # 2 blocks of channels
     pads = padding if isinstance(padding, str) else ((0, 0), *padding, (0, 0))
@@ -145,7 +145,7 @@ def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, paddi
                                pullback(g)[0], atol=1e-6)  # overlapping windows add in turn
 
 
-def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(gradient_kernel):
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kernels):
     """As PyTorch's MaxPool2d: after a ReLU, windows of zeros pass their gradient to the top
     left zero only."""
     x = jnp.zeros((1, 4, 4, 1)).at[0, 3, 3, 0].set(1.0)
@@ -225,6 +225,17 @@ def test_fused_batch_norm_trains_and_evaluates_as_flaxs_then_its_activation(act)
         layers.FusedBatchNorm(use_running_average=True, epsilon=1e-3, act=act).apply(running, x),
         FlaxBatchNormThen(act, use_running_average=True).apply(nested(running), x),
         rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_and_its_gradient_equal_jaxs_exact_gelu():
+    x = jnp.linspace(-12.0, 12.0, 2001, dtype=jnp.float32)
+    assert_same_values_and_gradients(ops.gelu, lambda x: jax.nn.gelu(x, approximate=False), x,
+                                     atol=2e-6)
+
+
+def test_gelu_keeps_only_its_input_for_the_gradient():
+    residuals = jax.vjp(ops.gelu, jnp.ones(5))[1]
+    assert [leaf.shape for leaf in jax.tree.leaves(residuals)] == [(5,)]
 
 
 def test_dot_product_attention_and_its_gradients_equal_jaxs():
