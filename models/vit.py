@@ -56,7 +56,7 @@ class Embedding(nn.Module):
         cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
         cls_tokens = jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width))
         x = jnp.concatenate([cls_tokens, x], axis=1)
-        return x + self.position_embedding(grid).astype(x.dtype)
+        return ops.add_to_each_image(x, self.position_embedding(grid).astype(x.dtype))
 
     def position_embedding(self, grid: tuple[int, int]):
         """The learned embedding of the class token and a ``grid`` of patches, row by row."""

@@ -147,59 +147,44 @@ def test_resnet_train_step_gradients_equal_xlas(winograd):
 
 
 # (batch, tokens, heads, depth) viewed as (batch, heads, tokens, depth), or its transpose
-HEADS_FIRST, HEADS_FIRST_T = (0, 2, 1, 3), (0, 2, 3, 1)
-
-
 @needs_onednn
-@pytest.mark.parametrize("a_shape,b_shape,a_axes,b_axes,out_axes,einsum", [
-    ((2, 3, 4, 5), (2, 3, 5, 6), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3),
-     "bhmk,bhkn->bhmn"),
-    ((2, 7, 3, 4), (2, 9, 3, 4), HEADS_FIRST, HEADS_FIRST_T, (0, 1, 2, 3), "bmhk,bnhk->bhmn"),
-    ((2, 3, 7, 9), (2, 9, 3, 4), (0, 1, 2, 3), HEADS_FIRST, HEADS_FIRST, "bhmk,bkhn->bmhn"),
-    ((2, 3, 9, 7), (2, 9, 3, 4), (0, 1, 3, 2), HEADS_FIRST, HEADS_FIRST, "bhkm,bkhn->bmhn"),
-    ((2, 3, 4, 5), (2, 3, 5, 6), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 3, 2),
-     "bhmk,bhkn->bhnm")])
-def test_matmul_through_views_and_its_gradients_equal_einsums(a_shape, b_shape, a_axes, b_axes,
-                                                              out_axes, einsum):
+@pytest.mark.parametrize("query_shape,key_shape", [((2, 17, 3, 8), (2, 17, 3, 8)),
+                                                   ((2, 5, 3, 8), (2, 9, 3, 8))])
+def test_attention_runs_onednns_fast_kernels_with_jaxs_values_and_gradients(query_shape,
+                                                                             key_shape):
     rng = np.random.default_rng(0)
-    a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
-    assert_same_values_and_gradients(lambda a, b: onednn.matmul(a, b, a_axes, b_axes, out_axes),
-                                     lambda a, b: jnp.einsum(einsum, a, b), a, b, atol=1e-5)
-
-
-@needs_onednn
-def test_attention_products_run_onednns_fast_kernels_with_jaxs_values_and_gradients():
-    rng = np.random.default_rng(0)
-    query, key, value = (jnp.asarray(rng.standard_normal((2, 17, 3, 8)), jnp.float32)
-                         for _ in range(3))
-    attention = jax.grad(lambda *qkv: (ops.dot_product_attention(*qkv) ** 2).sum(), (0, 1, 2))
-    assert compiled_text(attention, query, key, value).count("transferlab_onednn_matmul") == 6
+    query = jnp.asarray(rng.standard_normal(query_shape), jnp.float32)
+    key, value = (jnp.asarray(rng.standard_normal(key_shape), jnp.float32) for _ in range(2))
     assert_same_values_and_gradients(ops.dot_product_attention, jax.nn.dot_product_attention,
                                      query, key, value, atol=1e-5)
-    kernels = {kernel for kind, kernel in onednn.implementations() if kind == "matmul"}
+    kernels = {kernel for kind, kernel in onednn.implementations() if kind == "attention"}
     assert kernels and not any(kernel.startswith("ref") for kernel in kernels), kernels
 
 
-def test_matmul_views_must_keep_the_batch_first():
-    a = jnp.ones((2, 3, 4, 5))
-    with pytest.raises(ValueError, match="first axis"):
-        onednn.matmul(a, a, (1, 0, 2, 3), (0, 1, 3, 2))
+@needs_onednn
+def test_attention_is_one_call_each_way_and_keeps_no_tokens_by_tokens_array():
+    query = jnp.ones((2, 17, 3, 8))
+    grads = jax.grad(lambda *qkv: (ops.dot_product_attention(*qkv) ** 2).sum(), (0, 1, 2))
+    text = compiled_text(grads, query, query, query)
+    assert (text.count("transferlab_onednn_attention_forward"),
+            text.count("transferlab_onednn_attention_backward")) == (1, 1)
+    assert "17,17]" not in text and "transferlab_onednn_matmul" not in text
 
 
 @needs_onednn
-def test_each_device_multiplies_its_shard_of_the_batch():
+def test_each_device_attends_within_its_shard_of_the_batch():
     rng = np.random.default_rng(0)
-    q, k = (jnp.asarray(rng.standard_normal((8, 5, 2, 4)), jnp.float32) for _ in range(2))
+    qkv = [jnp.asarray(rng.standard_normal((8, 5, 2, 4)), jnp.float32) for _ in range(3)]
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k)]
-    loss = lambda q, k: (onednn.matmul(q, k, HEADS_FIRST, HEADS_FIRST_T) ** 2).sum()
-    grads = jax.grad(loss, (0, 1))
+    sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in qkv]
+    loss = lambda attention: lambda *qkv: (attention(*qkv) ** 2).sum()
+    grads = jax.grad(loss(onednn.attention), (0, 1, 2))
     text = compiled_text(grads, *sharded)
-    assert "transferlab_onednn_matmul" in text and "all-gather" not in text
-    reference = jax.grad(lambda q, k: (jnp.einsum("bmhd,bnhd->bhmn", q, k) ** 2).sum(), (0, 1))
-    for ours, theirs in zip(jax.jit(grads)(*sharded), reference(q, k)):
+    assert "transferlab_onednn_attention_backward" in text and "all-gather" not in text
+    reference = jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))
+    for ours, theirs in zip(jax.jit(grads)(*sharded), reference(*qkv)):
         assert ours.sharding.spec[0] == "data"
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

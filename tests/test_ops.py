@@ -238,6 +238,13 @@ def test_gelu_keeps_only_its_input_for_the_gradient():
     assert [leaf.shape for leaf in jax.tree.leaves(residuals)] == [(5,)]
 
 
+def test_add_to_each_image_and_its_gradients_equal_broadcastings():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 7, 5)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((1, 7, 5)), jnp.float32)
+    assert_same_values_and_gradients(ops.add_to_each_image, jnp.add, x, y)
+
+
 def test_dot_product_attention_and_its_gradients_equal_jaxs():
     rng = np.random.default_rng(0)
     query, key, value = (jnp.asarray(rng.standard_normal((2, 7, 3, 4)), jnp.float32)

@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #include "openmp_lock.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -30,18 +31,7 @@ enum Activation : int64_t { kNone, kRelu, kRelu6, kSilu, kHardSwish };
 
 constexpr int64_t kBlockRows = 64;
 
-// e^x on [-87, 88] to float precision, in a form the compiler vectorizes.
-inline float Exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = x - n * 0.693145752f - n * 1.42860677e-6f;  // x − n·ln2, in two parts
-  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
-                  1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));  // Taylor, |r| ≤ ln2/2
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using transferlab::Exp;
 
 template <Activation kAct>
 inline __attribute__((always_inline)) float Derivative(float pre) {

@@ -34,6 +34,7 @@
 #include <string>
 #include <tuple>
 
+#include "attention.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "openmp_lock.h"
 #include "xla/ffi/api/ffi.h"
@@ -343,6 +344,7 @@ extern "C" size_t OnednnConvImplementations(char* out, size_t size) {
             primitive->implementation + "\n";
   }
   for (const auto& entry : s.matmuls) text += "matmul " + entry.second->implementation + "\n";
+  text += transferlab::AttentionImplementations();
   if (size > 0) {
     const size_t n = std::min(size - 1, text.size());
     text.copy(out, n);

@@ -1,0 +1,323 @@
+// Multi-head attention (no mask, no dropout), float32, as XLA FFI handlers:
+//
+//   AttentionForward   q[B,T,H,D], k[B,S,H,D], v[B,S,H,D] -> o[B,T,H,D], lse[B,H,T]
+//   AttentionBackward  q, k, v, lse, do[B,T,H,D]          -> dq, dk, dv
+//
+// o = p·v with p = softmax(q·kᵀ/√D) for each image and head, the (batch, tokens, heads, depth)
+// arrays read and written in place; lse is the log of each softmax's denominator (with its
+// maximum), from which the gradient recomputes p: no T×S array goes to memory. Each (image,
+// head) is one task on OpenMP's threads, its T×S arrays in the core's cache from one product to
+// the next: the gradient's dv = pᵀ·do, dp = do·vᵀ, ds = p⊙(dp − Σ dp⊙p)/√D, dq = ds·k and
+// dk = dsᵀ·q likewise, where XLA's formulation makes a pass over memory for each step. The
+// products are oneDNN's matmul primitives, built once per shape, single-threaded in the tasks,
+// on contiguous copies of the head's rows: oneDNN runs its brgemm kernels on those (on the
+// strided rows, its slower gemm; 1.25x on q·kᵀ).
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "openmp_lock.h"
+#include "vector_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+
+struct Heads {
+  int64_t t, s, h, d;  // query tokens, key tokens, heads, depth
+  bool operator<(const Heads& o) const {
+    return std::tie(t, s, h, d) < std::tie(o.t, o.s, o.h, o.d);
+  }
+};
+
+// A rows × cols matrix inside a buffer, with the given row and column strides.
+memory::desc Matrix(int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  return memory::desc({1, rows, cols}, memory::data_type::f32,
+                      {rows * cols, row_stride, col_stride});
+}
+
+struct Product {
+  dnnl::matmul primitive;
+  memory::desc a, b, c, scratchpad;
+  std::string implementation;
+};
+
+// The three products of a head: x·yᵀ (t×d by d×s, the logits q·kᵀ and dp = do·vᵀ), p·y
+// (t×s by s×d: o = p·v, dq = ds·k) and pᵀ·y (s×t by t×d: dv = pᵀ·do, dk = dsᵀ·q).
+struct Products {
+  Product scores, mix, mix_transposed;
+};
+
+// One thread's buffers: its scratchpad, a task's p and its dp (then ds), and the task's rows
+// of q, k, v, do and of the results, each contiguous.
+struct Worker {
+  dnnl::stream stream;
+  std::vector<char> scratchpad;
+  std::vector<float> probabilities, grad, q, k, v, dout, dq, dk, dv;
+};
+
+struct State {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::map<Heads, std::unique_ptr<Products>> products;
+  std::vector<std::unique_ptr<Worker>> workers;
+};
+
+State& state() {
+  static State* s = new State();
+  return *s;
+}
+
+Product MakeProduct(const memory::desc& a, const memory::desc& b, const memory::desc& c) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, state().engine);
+  return {dnnl::matmul(pd), a, b, c, pd.scratchpad_desc(), pd.impl_info_str()};
+}
+
+Products& ProductsFor(const Heads& x) {
+  auto& cache = state().products;
+  auto it = cache.find(x);
+  if (it != cache.end()) return *it->second;
+  const memory::desc q = Matrix(x.t, x.d, x.d, 1), k = Matrix(x.s, x.d, x.d, 1);
+  const memory::desc k_t = Matrix(x.d, x.s, 1, x.d), p = Matrix(x.t, x.s, x.s, 1);
+  const memory::desc p_t = Matrix(x.s, x.t, 1, x.s);
+  auto products = std::make_unique<Products>(
+      Products{MakeProduct(q, k_t, p), MakeProduct(p, k, q), MakeProduct(p_t, q, k)});
+  return *cache.emplace(x, std::move(products)).first->second;
+}
+
+// One worker per OpenMP thread, each with room for the largest scratchpad and one task's dp.
+std::vector<std::unique_ptr<Worker>>& Workers(const Products& p, const Heads& x) {
+  auto& workers = state().workers;
+  while (static_cast<int>(workers.size()) < omp_get_max_threads()) {
+    workers.push_back(std::make_unique<Worker>(Worker{dnnl::stream(state().engine), {}, {}}));
+  }
+  size_t scratchpad = 0;
+  for (const Product* q : {&p.scores, &p.mix, &p.mix_transposed}) {
+    scratchpad = std::max(scratchpad, q->scratchpad.get_size());
+  }
+  for (auto& w : workers) {
+    if (w->scratchpad.size() < scratchpad) w->scratchpad.resize(scratchpad);
+    for (auto* buffer : {&w->probabilities, &w->grad}) {
+      if (buffer->size() < static_cast<size_t>(x.t * x.s)) buffer->resize(x.t * x.s);
+    }
+    for (auto* buffer : {&w->q, &w->k, &w->v, &w->dout, &w->dq, &w->dk, &w->dv}) {
+      const size_t rows = std::max(x.t, x.s);
+      if (buffer->size() < rows * x.d) buffer->resize(rows * x.d);
+    }
+  }
+  return workers;
+}
+
+void Multiply(const Product& p, Worker& w, const float* a, const float* b, float* c) {
+  const dnnl::engine& e = state().engine;
+  memory am(p.a, e, const_cast<float*>(a)), bm(p.b, e, const_cast<float*>(b)), cm(p.c, e, c);
+  memory sm(p.scratchpad, e, w.scratchpad.data());
+  p.primitive.execute(w.stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm},
+                                 {DNNL_ARG_DST, cm}, {DNNL_ARG_SCRATCHPAD, sm}});
+}
+
+// A head's rows × depth values, `stride` apart in the (batch, tokens, heads, depth) array,
+// copied to or from a contiguous buffer.
+void Gather(const float* head, int64_t rows, int64_t depth, int64_t stride, float* out) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * depth, head + r * stride, depth * 4);
+}
+
+void Scatter(const float* in, int64_t rows, int64_t depth, int64_t stride, float* head) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(head + r * stride, in + r * depth, depth * 4);
+}
+
+// Each row of `p` (rows × cols) replaced by softmax(scale · row), the log of whose denominator
+// goes to lse[row]: softmax(scale · row) = exp(scale · row − lse).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void SoftmaxRows(float* p, float* lse, int64_t rows, int64_t cols, float scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = p + i * cols;
+    float top = row[0], sum = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < cols; ++j) top = std::max(top, row[j]);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      row[j] = transferlab::Exp((row[j] - top) * scale);
+      sum += row[j];
+    }
+    const float inverse = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] *= inverse;
+    lse[i] = top * scale + std::log(sum);
+  }
+}
+
+// Each row of `p` (rows × cols) replaced by exp(scale · row − lse[row]).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void ProbabilityRows(float* p, const float* lse, int64_t rows, int64_t cols, float scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = p + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] = transferlab::Exp(row[j] * scale - lse[i]);
+  }
+}
+
+// dp (the gradient at the softmax's output) replaced by scale · p ⊙ (dp − Σ_row dp ⊙ p): the
+// gradient at q·kᵀ.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void SoftmaxGradRows(const float* p, float* dp, int64_t rows, int64_t cols, float scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* y = p + i * cols;
+    float* g = dp + i * cols;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) dot += g[j] * y[j];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) g[j] = scale * y[j] * (g[j] - dot);
+  }
+}
+
+// Runs task(worker, image, head) for every (image, head) on OpenMP's threads.
+template <typename Task>
+ffi::Error ForEachHead(const char* what, int64_t images, const Heads& x, Task task) {
+  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
+  std::string error;
+  try {
+    Products& products = ProductsFor(x);
+    auto& workers = Workers(products, x);
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t n = 0; n < images * x.h; ++n) {
+      try {
+        task(products, *workers[omp_get_thread_num()], n / x.h, n % x.h);
+      } catch (const dnnl::error& e) {
+#pragma omp critical
+        error = e.what();
+      }
+    }
+  } catch (const dnnl::error& e) {
+    error = e.what();
+  }
+  if (!error.empty()) return ffi::Error::Internal(std::string(what) + error);
+  return ffi::Error::Success();
+}
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end());
+}
+
+// The heads of q[B,T,H,D] and k, v[B,S,H,D], or false if the shapes do not fit.
+bool HeadsOf(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k,
+             ffi::Span<const int64_t> v, Heads& x) {
+  if (q.size() != 4 || k.size() != 4 || !SameDims(k, v) || q[0] != k[0] || q[2] != k[2] ||
+      q[3] != k[3]) {
+    return false;
+  }
+  x = {q[1], k[1], q[2], q[3]};
+  return true;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  Heads x;
+  if (!HeadsOf(q.dimensions(), k.dimensions(), v.dimensions(), x)) {
+    return ffi::Error::InvalidArgument(
+        "attention: wants q[B,T,H,D], k and v[B,S,H,D] -> o[B,T,H,D], lse[B,H,T]");
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(x.d));
+  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
+  float *od = o->typed_data(), *lsed = lse->typed_data();
+  return ForEachHead("attention: ", q.dimensions()[0], x,
+                     [&](const Products& m, Worker& w, int64_t i, int64_t j) {
+    const int64_t ld = x.h * x.d, query = i * x.t * ld + j * x.d, key = i * x.s * ld + j * x.d;
+    float *p = w.probabilities.data(), *qc = w.q.data(), *kc = w.k.data(), *vc = w.v.data();
+    Gather(qd + query, x.t, x.d, ld, qc);
+    Gather(kd + key, x.s, x.d, ld, kc);
+    Gather(vd + key, x.s, x.d, ld, vc);
+    Multiply(m.scores, w, qc, kc, p);
+    SoftmaxRows(p, lsed + (i * x.h + j) * x.t, x.t, x.s, scale);
+    Multiply(m.mix, w, p, vc, w.dq.data());
+    Scatter(w.dq.data(), x.t, x.d, ld, od + query);
+  });
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  Heads x;
+  if (!HeadsOf(q.dimensions(), k.dimensions(), v.dimensions(), x) ||
+      !SameDims(q.dimensions(), dout.dimensions())) {
+    return ffi::Error::InvalidArgument(
+        "attention gradient: wants q[B,T,H,D], k and v[B,S,H,D], lse[B,H,T], do[B,T,H,D]");
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(x.d));
+  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
+  const float *lsed = lse.typed_data(), *dod = dout.typed_data();
+  float *dqd = dq->typed_data(), *dkd = dk->typed_data(), *dvd = dv->typed_data();
+  return ForEachHead("attention gradient: ", q.dimensions()[0], x,
+                     [&](const Products& m, Worker& w, int64_t i, int64_t j) {
+    const int64_t ld = x.h * x.d, query = i * x.t * ld + j * x.d, key = i * x.s * ld + j * x.d;
+    float *p = w.probabilities.data(), *grad = w.grad.data(), *qc = w.q.data(), *kc = w.k.data(),
+          *vc = w.v.data(), *doc = w.dout.data();
+    Gather(qd + query, x.t, x.d, ld, qc);
+    Gather(kd + key, x.s, x.d, ld, kc);
+    Gather(vd + key, x.s, x.d, ld, vc);
+    Gather(dod + query, x.t, x.d, ld, doc);
+    Multiply(m.scores, w, qc, kc, p);
+    ProbabilityRows(p, lsed + (i * x.h + j) * x.t, x.t, x.s, scale);
+    Multiply(m.mix_transposed, w, p, doc, w.dv.data());
+    Multiply(m.scores, w, doc, vc, grad);
+    SoftmaxGradRows(p, grad, x.t, x.s, scale);
+    Multiply(m.mix, w, grad, kc, w.dq.data());
+    Multiply(m.mix_transposed, w, grad, qc, w.dk.data());
+    Scatter(w.dq.data(), x.t, x.d, ld, dqd + query);
+    Scatter(w.dk.data(), x.s, x.d, ld, dkd + key);
+    Scatter(w.dv.data(), x.s, x.d, ld, dvd + key);
+  });
+}
+
+}  // namespace
+
+namespace transferlab {
+
+std::string AttentionImplementations() {
+  std::string text;
+  for (const auto& entry : state().products) {
+    const Products& p = *entry.second;
+    for (const Product* q : {&p.scores, &p.mix, &p.mix_transposed}) {
+      text += "attention " + q->implementation + "\n";
+    }
+  }
+  return text;
+}
+
+}  // namespace transferlab
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

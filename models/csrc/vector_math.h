@@ -1,0 +1,23 @@
+// Elementwise functions in a form the compiler vectorizes.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace transferlab {
+
+// e^x on [-87, 88] to float precision (clamped outside).
+inline float Exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5·2²³
+  const float r = x - n * 0.693145752f - n * 1.42860677e-6f;  // x − n·ln2, in two parts
+  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
+                  1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));  // Taylor, |r| ≤ ln2/2
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+}  // namespace transferlab
