@@ -93,6 +93,25 @@ class FusedBatchNorm(nn.BatchNorm):
         return y if self.act is None else self.act(y)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis through ``ops.layer_norm`` (one native pass over
+    memory each way on the CPU), the variance that of the centred values. Same variables; the
+    other forms (other axes, no scale or bias, a mask, an ``axis_name``) are Flax's own."""
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        if (mask is not None or self.axis_name is not None or not (self.use_scale and self.use_bias)
+                or self.reduction_axes not in (-1, x.ndim - 1)
+                or self.feature_axes not in (-1, x.ndim - 1)):
+            return super().__call__(x, mask=mask)
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        x, scale, bias = (v.astype(dtype) for v in (x, scale, bias))
+        return ops.layer_norm(x, scale, bias, self.epsilon)
+
+
 def BatchNorm(train: bool, *, eps: float = TORCH_BN_EPS, momentum: float = TORCH_BN_MOMENTUM,
               dtype: Dtype = jnp.float32, act: Activation | None = None, name: str | None = None,
               **kw) -> nn.BatchNorm:
@@ -219,5 +238,6 @@ class StochasticDepth(nn.Module):
         if not train or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0.0)

@@ -29,8 +29,9 @@ A training-mode batch norm's sums (``batch_norm_sums``, ``batch_norm_grad_sums``
 project's own too (``csrc/batch_norm.cc``): each pair in one pass over the activations, per image
 (a mesh shards the batch), where XLA takes a pass per sum and materializes the gradient first.
 
-So is max pooling's gradient (``max_pool_backward``, ``csrc/max_pool.cc``), 5× faster than
-XLA's formulation of it.
+So are a layer norm's forward and backward passes (``layer_norm``, ``layer_norm_backward``,
+``csrc/layer_norm.cc``), one pass over memory each, and max pooling's gradient
+(``max_pool_backward``, ``csrc/max_pool.cc``), 5× faster than XLA's formulation of it.
 
 3×3 stride-1 ungrouped convolutions (most of a ResNet's flops) run oneDNN's Winograd kernels
 in all three passes: 1.4–2.1× faster than direct convolution on this project's CPU, values
@@ -58,14 +59,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("onednn.cc", "attention.cc", "depthwise_conv.cc",
-                                         "batch_norm.cc", "max_pool.cc"))
+                                         "batch_norm.cc", "layer_norm.cc", "max_pool.cc"))
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardData",
            "backward_weights": "OnednnConvBackwardWeights",
            "depthwise_backward_weights": "DepthwiseBackwardWeights",
            "matmul": "OnednnMatmul", "batch_norm_sums": "BatchNormSums",
            "batch_norm_grad_sums": "BatchNormGradSums", "max_pool_backward": "MaxPoolBackward",
-           "attention_forward": "AttentionForward", "attention_backward": "AttentionBackward"}
+           "attention_forward": "AttentionForward", "attention_backward": "AttentionBackward",
+           "layer_norm_forward": "LayerNormForward", "layer_norm_backward": "LayerNormBackward"}
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _disabled_while_tracing = [False]
@@ -330,7 +332,8 @@ def _per_image(local, rule: str):
         return sharded if len(result_specs) == 1 else (sharded,) * len(result_specs)
 
     def partition(mesh, arg_shapes, result_shape):
-        sharded, replicated = NamedSharding(mesh, P(_batch_axis(arg_shapes[0]))), NamedSharding(mesh, P())
+        sharded = NamedSharding(mesh, P(_batch_axis(arg_shapes[0])))
+        replicated = NamedSharding(mesh, P())
         operands = tuple(sharded if spec.split()[0] == "b" else replicated
                          for spec in operand_specs)
         return mesh, local, output_sharding(mesh, arg_shapes), operands
@@ -432,3 +435,33 @@ def _attention_bwd(residuals, dout):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.cache
+def _per_image_layer_norm(epsilon: float):
+    def forward(x, scale, bias):
+        return jax.ffi.ffi_call("transferlab_onednn_layer_norm_forward",
+                                jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                vmap_method="sequential")(x, scale, bias,
+                                                          epsilon=np.float32(epsilon))
+
+    def backward(x, scale, dy):
+        results = (jax.ShapeDtypeStruct(x.shape, jnp.float32), _sums_shape(x))
+        return jax.ffi.ffi_call("transferlab_onednn_layer_norm_backward", results,
+                                vmap_method="sequential")(x, scale, dy,
+                                                          epsilon=np.float32(epsilon))
+    return (_per_image(forward, "b r c, c, c -> b r c"),
+            _per_image(backward, "b r c, c, b r c -> b r c, b t c"))
+
+
+def layer_norm(x, scale, bias, epsilon: float):
+    """Layer normalization over the last axis of float32 ``x`` (batch, rows, c):
+    (x − mean)/√(var + epsilon)·scale + bias for each row, in one pass over memory."""
+    return _per_image_layer_norm(float(epsilon))[0](x, scale, bias)
+
+
+def layer_norm_backward(x, scale, dy, epsilon: float):
+    """The gradient of ``layer_norm`` at ``x`` given ``dy``, in one pass over memory: (dx,
+    sums), sums (batch, 2, c) holding each image's Σ dy·x̂ and Σ dy (the scale's and bias's
+    gradients, summed over the images), x̂ the normalized x."""
+    return _per_image_layer_norm(float(epsilon))[1](x, scale, dy)

@@ -114,7 +114,7 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=self.dtype)
+        norm = functools.partial(layers.LayerNorm, epsilon=LN_EPS, dtype=self.dtype)
         y = norm(name="ln1")(x)
         y = nn.MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, kernel_init=xavier_init,
@@ -152,7 +152,7 @@ class VisionTransformer(nn.Module):
                                  self.attention_dropout, self.encoder_dropout, self.dtype,
                                  name=f"block{i:02d}")
             x = block(x, train)
-        x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)[:, 0]
+        x = layers.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)[:, 0]
         if pre_logits:
             return x
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

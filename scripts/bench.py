@@ -9,8 +9,9 @@ settings are its own, and the measurements run one at a time. Where two sides ar
 (PyTorch, PyTorch without glibc's tunables, ours) their processes take turns, a few steps
 each after one untimed step, until each has its steps: the machine's drift over minutes
 (±15% seen here) moves both sides alike instead of the ratio. They set up in that order,
-ours last: of two identical processes, the first set up measured 1.5–5% faster here. Writes ``bench.json`` (one
-record per measurement: ``model``, ``what``, ``ours``, ``peer``, ``ratio``, …) and ``bench.md``.
+ours last: of two identical processes, the first set up measured 1.5–5% faster here.
+Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
+``ratio``, …) and ``bench.md``.
 """
 
 from scripts import common

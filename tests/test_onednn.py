@@ -217,6 +217,33 @@ def test_each_device_multiplies_its_rows_and_the_kernel_gradient_is_summed():
 
 
 @needs_onednn
+def test_layer_norm_is_one_native_call_each_way():
+    x = jnp.ones((2, 5, 7), jnp.float32)
+    grad = jax.grad(lambda x, s, b: (ops.layer_norm(x, s, b, 1e-6) ** 2).sum(), (0, 1, 2))
+    text = compiled_text(grad, x, jnp.ones(7), jnp.zeros(7))
+    assert (text.count("transferlab_onednn_layer_norm_forward"),
+            text.count("transferlab_onednn_layer_norm_backward")) == (1, 1)
+    assert not re.search(r"f32\[[^\]]*\] reduce\(f32\[2,5,7\]", text)
+
+
+@needs_onednn
+def test_each_device_normalizes_its_shard_of_the_batch():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 5, 6)), jnp.float32)
+    scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    loss = lambda x, scale, bias: (ops.layer_norm(x, scale, bias, 1e-6) ** 3).sum()
+    grads = jax.grad(loss, (0, 1, 2))
+    text = compiled_text(grads, sharded, scale, bias)
+    assert "transferlab_onednn_layer_norm_backward" in text and "all-gather" not in text
+    with onednn.disabled():
+        expected = jax.jit(jax.grad(lambda *a: loss(*a), (0, 1, 2)))(x, scale, bias)
+    for ours, theirs in zip(jax.jit(grads)(sharded, scale, bias), expected):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
 @pytest.mark.parametrize("activation", [None, *ops.ACTIVATIONS])
 def test_batch_norm_on_native_sums_equals_autodiff(activation):
     assert_batch_norm_equals_autodiff(activation)

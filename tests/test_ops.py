@@ -245,6 +245,20 @@ def test_add_to_each_image_and_its_gradients_equal_broadcastings():
     assert_same_values_and_gradients(ops.add_to_each_image, jnp.add, x, y)
 
 
+@pytest.mark.parametrize("shape", [(4, 9, 24), (3, 5, 2, 7)])
+def test_layer_norm_equals_flaxs_with_its_variables_and_gradients(shape, kernels):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+    variables = nn.LayerNorm(epsilon=1e-6).init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.standard_normal(v.shape), v.dtype),
+                             variables)
+    assert (jax.tree.structure(layers.LayerNorm(epsilon=1e-6).init(jax.random.key(0), x))
+            == jax.tree.structure(variables))
+    assert_same_values_and_gradients(
+        lambda v, x: layers.LayerNorm(epsilon=1e-6).apply(v, x),
+        lambda v, x: nn.LayerNorm(epsilon=1e-6).apply(v, x), variables, x, atol=1e-4)
+
+
 def test_dot_product_attention_and_its_gradients_equal_jaxs():
     rng = np.random.default_rng(0)
     query, key, value = (jnp.asarray(rng.standard_normal((2, 7, 3, 4)), jnp.float32)
