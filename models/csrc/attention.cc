@@ -64,11 +64,11 @@ struct Products {
 };
 
 // One thread's buffers: its scratchpad, a task's p and its dp (then ds), and the task's rows
-// of q, k, v, do and of the results, each contiguous.
+// of q, k, v, do and of the results (o; dq, dk, dv), each contiguous.
 struct Worker {
   dnnl::stream stream;
   std::vector<char> scratchpad;
-  std::vector<float> probabilities, grad, q, k, v, dout, dq, dk, dv;
+  std::vector<float> probabilities, grad, q, k, v, dout, out, dq, dk, dv;
 };
 
 struct State {
@@ -116,7 +116,7 @@ std::vector<std::unique_ptr<Worker>>& Workers(const Products& p, const Heads& x)
     for (auto* buffer : {&w->probabilities, &w->grad}) {
       if (buffer->size() < static_cast<size_t>(x.t * x.s)) buffer->resize(x.t * x.s);
     }
-    for (auto* buffer : {&w->q, &w->k, &w->v, &w->dout, &w->dq, &w->dk, &w->dv}) {
+    for (auto* buffer : {&w->q, &w->k, &w->v, &w->dout, &w->out, &w->dq, &w->dk, &w->dv}) {
       const size_t rows = std::max(x.t, x.s);
       if (buffer->size() < rows * x.d) buffer->resize(rows * x.d);
     }
@@ -140,6 +140,24 @@ void Gather(const float* head, int64_t rows, int64_t depth, int64_t stride, floa
 
 void Scatter(const float* in, int64_t rows, int64_t depth, int64_t stride, float* head) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(head + r * stride, in + r * depth, depth * 4);
+}
+
+// Where head j of image i starts: in q, o and their gradients, in k and v, and in lse.
+struct Head {
+  int64_t ld, query, key, lse;
+};
+
+Head HeadAt(const Heads& x, int64_t i, int64_t j) {
+  const int64_t ld = x.h * x.d;
+  return {ld, i * x.t * ld + j * x.d, i * x.s * ld + j * x.d, (i * x.h + j) * x.t};
+}
+
+// The head's rows of q, k and v, copied into the worker's contiguous buffers.
+void GatherQkv(const Heads& x, const Head& at, const float* q, const float* k, const float* v,
+               Worker& w) {
+  Gather(q + at.query, x.t, x.d, at.ld, w.q.data());
+  Gather(k + at.key, x.s, x.d, at.ld, w.k.data());
+  Gather(v + at.key, x.s, x.d, at.ld, w.v.data());
 }
 
 // Each row of `p` (rows × cols) replaced by softmax(scale · row), the log of whose denominator
@@ -239,15 +257,13 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   float *od = o->typed_data(), *lsed = lse->typed_data();
   return ForEachHead("attention: ", q.dimensions()[0], x,
                      [&](const Products& m, Worker& w, int64_t i, int64_t j) {
-    const int64_t ld = x.h * x.d, query = i * x.t * ld + j * x.d, key = i * x.s * ld + j * x.d;
-    float *p = w.probabilities.data(), *qc = w.q.data(), *kc = w.k.data(), *vc = w.v.data();
-    Gather(qd + query, x.t, x.d, ld, qc);
-    Gather(kd + key, x.s, x.d, ld, kc);
-    Gather(vd + key, x.s, x.d, ld, vc);
-    Multiply(m.scores, w, qc, kc, p);
-    SoftmaxRows(p, lsed + (i * x.h + j) * x.t, x.t, x.s, scale);
-    Multiply(m.mix, w, p, vc, w.dq.data());
-    Scatter(w.dq.data(), x.t, x.d, ld, od + query);
+    const Head at = HeadAt(x, i, j);
+    float* p = w.probabilities.data();
+    GatherQkv(x, at, qd, kd, vd, w);
+    Multiply(m.scores, w, w.q.data(), w.k.data(), p);
+    SoftmaxRows(p, lsed + at.lse, x.t, x.s, scale);
+    Multiply(m.mix, w, p, w.v.data(), w.out.data());
+    Scatter(w.out.data(), x.t, x.d, at.ld, od + at.query);
   });
 }
 
@@ -267,23 +283,21 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   float *dqd = dq->typed_data(), *dkd = dk->typed_data(), *dvd = dv->typed_data();
   return ForEachHead("attention gradient: ", q.dimensions()[0], x,
                      [&](const Products& m, Worker& w, int64_t i, int64_t j) {
-    const int64_t ld = x.h * x.d, query = i * x.t * ld + j * x.d, key = i * x.s * ld + j * x.d;
+    const Head at = HeadAt(x, i, j);
     float *p = w.probabilities.data(), *grad = w.grad.data(), *qc = w.q.data(), *kc = w.k.data(),
           *vc = w.v.data(), *doc = w.dout.data();
-    Gather(qd + query, x.t, x.d, ld, qc);
-    Gather(kd + key, x.s, x.d, ld, kc);
-    Gather(vd + key, x.s, x.d, ld, vc);
-    Gather(dod + query, x.t, x.d, ld, doc);
+    GatherQkv(x, at, qd, kd, vd, w);
+    Gather(dod + at.query, x.t, x.d, at.ld, doc);
     Multiply(m.scores, w, qc, kc, p);
-    ProbabilityRows(p, lsed + (i * x.h + j) * x.t, x.t, x.s, scale);
+    ProbabilityRows(p, lsed + at.lse, x.t, x.s, scale);
     Multiply(m.mix_transposed, w, p, doc, w.dv.data());
     Multiply(m.scores, w, doc, vc, grad);
     SoftmaxGradRows(p, grad, x.t, x.s, scale);
     Multiply(m.mix, w, grad, kc, w.dq.data());
     Multiply(m.mix_transposed, w, grad, qc, w.dk.data());
-    Scatter(w.dq.data(), x.t, x.d, ld, dqd + query);
-    Scatter(w.dk.data(), x.s, x.d, ld, dkd + key);
-    Scatter(w.dv.data(), x.s, x.d, ld, dvd + key);
+    Scatter(w.dq.data(), x.t, x.d, at.ld, dqd + at.query);
+    Scatter(w.dk.data(), x.s, x.d, at.ld, dkd + at.key);
+    Scatter(w.dv.data(), x.s, x.d, at.ld, dvd + at.key);
   });
 }
 
