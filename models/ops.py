@@ -15,8 +15,9 @@ gradient is one ``xᵀ·g`` product, 2–3× faster than the convolution XLA com
 a Dense layer over tokens (``dot_general``): given matrices, XLA computes the kernel gradient
 without first copying the output gradient transposed.
 
-Attention (``dot_product_attention``) runs for float32 with oneDNN as ``onednn.attention``:
-one task per image and head, its logits in cache from the first product to the second;
+Self-attention (``self_attention``) runs for float32 with oneDNN as
+``onednn.self_attention``: one task per image and head, its logits in cache from the first
+product to the second;
 otherwise as two batched matrix products over (batch × heads) with the softmax between them,
 where XLA fuses ``jax.nn``'s formulation into one slower kernel.
 
@@ -159,20 +160,26 @@ def _add_to_each_image_bwd(_, g):
 add_to_each_image.defvjp(_add_to_each_image_fwd, _add_to_each_image_bwd)
 
 
-def dot_product_attention(query, key, value):
-    """``jax.nn.dot_product_attention`` of (batch, tokens, heads, depth) arrays, without mask
-    or bias. On the CPU, ``onednn.attention`` for float32 where available, else two batched
-    matrix products over (batch × heads) with the softmax between them, on head-major copies:
-    XLA fuses ``jax.nn``'s formulation into one kernel that, with its gradient, runs 1.5×
-    slower."""
-    return lax.platform_dependent(query, key, value, cpu=_cpu_attention,
-                                  default=jax.nn.dot_product_attention)
+def self_attention(qkv):
+    """``jax.nn.dot_product_attention`` (no mask or bias) of the (batch, tokens, heads, depth)
+    q, k, v packed in ``qkv`` (batch, tokens, 3, heads, depth), as one Dense layer with the
+    three kernels side by side computes them. On the CPU, ``onednn.self_attention`` for
+    float32 where available, reading them in place; else two batched matrix products over
+    (batch × heads) with the softmax between them, on head-major copies: XLA fuses ``jax.nn``'s
+    formulation into one kernel that, with its gradient, runs 1.5× slower."""
+    return lax.platform_dependent(
+        qkv, cpu=_cpu_self_attention,
+        default=lambda qkv: jax.nn.dot_product_attention(*_unpack(qkv)))
 
 
-def _cpu_attention(query, key, value):
-    if query.dtype == key.dtype == value.dtype == jnp.float32 and onednn.enabled():
-        return onednn.attention(query, key, value)
-    return _head_major_attention(query, key, value)
+def _unpack(qkv):
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _cpu_self_attention(qkv):
+    if qkv.dtype == jnp.float32 and onednn.enabled():
+        return onednn.self_attention(qkv)
+    return _head_major_attention(*_unpack(qkv))
 
 
 def _head_major_attention(query, key, value):

@@ -4,8 +4,8 @@ pre-norm encoder blocks (LayerNorm epsilon 1e-6, exact GELU, MLP ratio 4).
 Blocks: ``embed`` (patch conv, class token, position embedding), ``block00`` … ``block11``
 (``block23`` for ViT-L), ``norm``, ``head``. Paths: ``embed/patch/kernel``, ``embed/cls_token``,
 ``embed/pos_embedding``, ``block03/ln1/scale``, ``block03/attn/{query,key,value,out}/kernel``
-(Flax's ``MultiHeadDotProductAttention``: ``(width, heads, head_dim)``, as Google's checkpoints),
-``block03/mlp/fc1/kernel``, ``norm/scale``, ``head/kernel``.
+(as Flax's ``MultiHeadDotProductAttention``'s: ``(width, heads, head_dim)``, as in Google's
+checkpoints), ``block03/mlp/fc1/kernel``, ``norm/scale``, ``head/kernel``.
 
 The position embedding's length is fixed when the model is initialised, by the input's grid of
 patches; any input whose sides are multiples of the patch size works, but applying the model
@@ -15,6 +15,7 @@ to another grid than it was initialised with is an error.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -89,18 +90,58 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
-def attention(query, key, value, mask=None, *, dropout_rng=None, dropout_rate=0.0,
-              broadcast_dropout=True, deterministic=True, dtype=None, precision=None):
-    """Flax's ``nn.dot_product_attention``, through ``ops.dot_product_attention`` when no
-    mask or dropout applies: XLA's CPU backend fuses Flax's formulation (both products and the
-    softmax) into one kernel that runs ViT-S/16's forward pass 1.3× slower."""
-    if mask is None and (deterministic or dropout_rate == 0.0):
-        return ops.dot_product_attention(query, key, value)
-    return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
-                                    dropout_rate=dropout_rate,
-                                    broadcast_dropout=broadcast_dropout,
-                                    deterministic=deterministic, dtype=dtype,
-                                    precision=precision)
+class Projection(nn.Module):
+    """The kernel (``in_shape + out_shape``) and bias (``out_shape``) of a Flax
+    ``DenseGeneral`` with those shapes: same names, initialised alike (on the flattened
+    matrix), returned for the caller to apply."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self):
+        def kernel_init(rng, shape, dtype=jnp.float32):
+            matrix = (math.prod(self.in_shape), math.prod(self.out_shape))
+            return xavier_init(rng, matrix, dtype).reshape(shape)
+        return (self.param("kernel", kernel_init, self.in_shape + self.out_shape),
+                self.param("bias", nn.initializers.zeros, self.out_shape))
+
+
+def dense(x, kernel, bias, dtype):
+    """x·kernel + bias over x's last axis, for a (fan-in, fan-out) ``kernel``."""
+    x, kernel, bias = (v.astype(dtype) for v in (x, kernel, bias))
+    return ops.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+
+
+class SelfAttention(nn.Module):
+    """Flax's ``MultiHeadDotProductAttention`` as a ViT applies it (self-attention, no mask),
+    with its variables (``query``, ``key``, ``value``, ``out``: kernel and bias), but q, k and v
+    from one product with their kernels side by side, which ``ops.self_attention`` reads in
+    place: one product each way instead of three, and no copies between them."""
+
+    num_heads: int
+    dropout_rate: float = 0.0  # on the attention weights
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        width = x.shape[-1]
+        heads = (self.num_heads, width // self.num_heads)
+        kernels, biases = zip(*(Projection((width,), heads, name=name)()
+                                for name in ("query", "key", "value")))
+        qkv = dense(x, jnp.concatenate([k.reshape(width, -1) for k in kernels], axis=1),
+                    jnp.concatenate([b.reshape(-1) for b in biases]), self.dtype)
+        qkv = qkv.reshape(*x.shape[:-1], 3, *heads)
+        if train and self.dropout_rate > 0.0:
+            y = nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         dropout_rng=self.make_rng("dropout"),
+                                         dropout_rate=self.dropout_rate,
+                                         broadcast_dropout=False, deterministic=False,
+                                         dtype=self.dtype)
+        else:
+            y = ops.self_attention(qkv)
+        kernel, bias = Projection(heads, (width,), name="out")()
+        return dense(y.reshape(x.shape), kernel.reshape(-1, width), bias, self.dtype)
 
 
 class EncoderBlock(nn.Module):
@@ -116,11 +157,7 @@ class EncoderBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         norm = functools.partial(layers.LayerNorm, epsilon=LN_EPS, dtype=self.dtype)
         y = norm(name="ln1")(x)
-        y = nn.MultiHeadDotProductAttention(
-            self.num_heads, dtype=self.dtype, kernel_init=xavier_init,
-            dropout_rate=self.attention_dropout, broadcast_dropout=False,
-            deterministic=not train, attention_fn=attention, qkv_dot_general=ops.dot_general,
-            out_dot_general=ops.dot_general, name="attn")(y)
+        y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, name="attn")(y, train)
         x = x + nn.Dropout(self.encoder_dropout, deterministic=not train)(y)
         y = norm(name="ln2")(x)
         return x + Mlp(self.mlp_dim, self.encoder_dropout, self.dtype, name="mlp")(y, train)

@@ -99,8 +99,10 @@ def test_inception_v3_aux_logits_match_torchvision_in_training(inception_v3_pair
     x = reference.random_images(299)
     outputs = flax_train_outputs(model.clone(dropout=0.0), variables, x)
     assert len(outputs) == 2  # InceptionOutputs(logits, aux_logits)
+    # float32 rounding through 94 convolutions on batch statistics: 1.2e-4 seen on one of this
+    # workplace's machines, whichever kernels (oneDNN's or XLA's) ours ran on
     for ours, theirs in zip(outputs, torch_train_outputs(ref, x)):
-        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
 
 
 def test_googlenet_aux_heads_convert_and_match_torchvision_in_training(tmp_path):

@@ -146,54 +146,61 @@ def test_resnet_train_step_gradients_equal_xlas(winograd):
         assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()  # through 18 layers of BatchNorm
 
 
-# (batch, tokens, heads, depth) viewed as (batch, heads, tokens, depth), or its transpose
+def unpacked(attention):
+    """``attention`` of q, k, v (batch, tokens, heads, depth) as a function of qkv."""
+    return lambda qkv: attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
 @needs_onednn
-@pytest.mark.parametrize("query_shape,key_shape", [((2, 17, 3, 8), (2, 17, 3, 8)),
-                                                   ((2, 5, 3, 8), (2, 9, 3, 8))])
-def test_attention_runs_onednns_fast_kernels_with_jaxs_values_and_gradients(query_shape,
-                                                                             key_shape):
-    rng = np.random.default_rng(0)
-    query = jnp.asarray(rng.standard_normal(query_shape), jnp.float32)
-    key, value = (jnp.asarray(rng.standard_normal(key_shape), jnp.float32) for _ in range(2))
-    assert_same_values_and_gradients(ops.dot_product_attention, jax.nn.dot_product_attention,
-                                     query, key, value, atol=1e-5)
+@pytest.mark.parametrize("shape", [(2, 17, 3, 3, 8), (1, 197, 3, 6, 64)])
+def test_attention_runs_onednns_fast_kernels_with_jaxs_values_and_gradients(shape):
+    qkv = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    assert_same_values_and_gradients(ops.self_attention,
+                                     unpacked(jax.nn.dot_product_attention), qkv, atol=1e-5)
     kernels = {kernel for kind, kernel in onednn.implementations() if kind == "attention"}
     assert kernels and not any(kernel.startswith("ref") for kernel in kernels), kernels
 
 
 @needs_onednn
 def test_attention_is_one_call_each_way_and_keeps_no_tokens_by_tokens_array():
-    query = jnp.ones((2, 17, 3, 8))
-    grads = jax.grad(lambda *qkv: (ops.dot_product_attention(*qkv) ** 2).sum(), (0, 1, 2))
-    text = compiled_text(grads, query, query, query)
+    grad = jax.grad(lambda qkv: (ops.self_attention(qkv) ** 2).sum())
+    text = compiled_text(grad, jnp.ones((2, 17, 3, 3, 8)))
     assert (text.count("transferlab_onednn_attention_forward"),
             text.count("transferlab_onednn_attention_backward")) == (1, 1)
-    assert "17,17]" not in text and "transferlab_onednn_matmul" not in text
+    assert "17,17]" not in text and "matmul" not in text and "sgemm" not in text
 
 
 @needs_onednn
 def test_each_device_attends_within_its_shard_of_the_batch():
-    rng = np.random.default_rng(0)
-    qkv = [jnp.asarray(rng.standard_normal((8, 5, 2, 4)), jnp.float32) for _ in range(3)]
+    qkv = jnp.asarray(np.random.default_rng(0).standard_normal((8, 5, 3, 2, 4)), jnp.float32)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in qkv]
-    loss = lambda attention: lambda *qkv: (attention(*qkv) ** 2).sum()
-    grads = jax.grad(loss(onednn.attention), (0, 1, 2))
-    text = compiled_text(grads, *sharded)
+    sharded = jax.device_put(qkv, NamedSharding(mesh, P("data")))
+    loss = lambda attention: lambda qkv: (attention(qkv) ** 2).sum()
+    grad = jax.grad(loss(onednn.self_attention))
+    text = compiled_text(grad, sharded)
     assert "transferlab_onednn_attention_backward" in text and "all-gather" not in text
-    reference = jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))
-    for ours, theirs in zip(jax.jit(grads)(*sharded), reference(*qkv)):
-        assert ours.sharding.spec[0] == "data"
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours = jax.jit(grad)(sharded)
+    assert ours.sharding.spec[0] == "data"
+    theirs = jax.grad(loss(unpacked(jax.nn.dot_product_attention)))(qkv)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def product_target() -> str:
+    return "transferlab_mkl_sgemm" if onednn.has_mkl() else "transferlab_onednn_matmul"
 
 
 @needs_onednn
-def test_dense_layers_run_one_onednn_product_per_pass():
+def test_dense_products_run_on_mkl_wherever_its_wheel_is_installed():
+    assert onednn.has_mkl() == (onednn.mkl_runtime() is not None)
+
+
+@needs_onednn
+def test_dense_layers_run_one_native_product_per_pass():
     x, w = jnp.ones((2, 7, 3, 4)), jnp.ones((3, 4, 5))
     numbers = (((2, 3), (0, 1)), ((), ()))
     grads = jax.grad(lambda x, w: (ops.dot_general(x, w, numbers) ** 2).sum(), (0, 1))
     text = compiled_text(grads, x, w)
-    assert text.count("transferlab_onednn_matmul") == 3 and " dot(" not in text
+    assert text.count(product_target()) == 3 and " dot(" not in text
     kernels = {kernel for kind, kernel in onednn.implementations() if kind == "matmul"}
     assert not any(kernel.startswith("ref") for kernel in kernels), kernels
 
@@ -207,7 +214,7 @@ def test_each_device_multiplies_its_rows_and_the_kernel_gradient_is_summed():
     sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
     grads = jax.grad(lambda x, w: (onednn.dense(x, w) ** 2).sum(), (0, 1))
     text = compiled_text(grads, sharded, w)
-    assert "transferlab_onednn_matmul" in text and "all-gather" not in text
+    assert product_target() in text and "all-gather" not in text
     assert "all-reduce" in text
     reference = jax.grad(lambda x, w: (jnp.einsum("brk,kn->brn", x, w) ** 2).sum(), (0, 1))
     ours = jax.jit(grads)(sharded, w)

@@ -259,10 +259,9 @@ def test_layer_norm_equals_flaxs_with_its_variables_and_gradients(shape, kernels
         lambda v, x: nn.LayerNorm(epsilon=1e-6).apply(v, x), variables, x, atol=1e-4)
 
 
-def test_dot_product_attention_and_its_gradients_equal_jaxs():
-    rng = np.random.default_rng(0)
-    query, key, value = (jnp.asarray(rng.standard_normal((2, 7, 3, 4)), jnp.float32)
-                         for _ in range(3))
+def test_self_attention_and_its_gradients_equal_jaxs():
+    qkv = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 3, 3, 4)), jnp.float32)
     with onednn.disabled():  # XLA's products (test_onednn checks oneDNN's)
-        assert_same_values_and_gradients(ops.dot_product_attention,
-                                         jax.nn.dot_product_attention, query, key, value)
+        assert_same_values_and_gradients(
+            ops.self_attention,
+            lambda qkv: jax.nn.dot_product_attention(*qkv.transpose(2, 0, 1, 3, 4)), qkv)

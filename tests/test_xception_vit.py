@@ -88,6 +88,18 @@ def test_vit_blocks_and_forward(vit_ti):
         model.apply(variables, reference.random_images(32))
 
 
+def test_vit_attention_dropout_applies_in_training_only(vit_ti):
+    model, variables, x = vit_ti
+    attention_only = model.clone(dropout=0.0, encoder_dropout=0.0)
+    features = lambda model, **kw: model.apply(variables, x, pre_logits=True, **kw)
+    train = lambda key: features(attention_only, train=True,
+                                 rngs={"dropout": jax.random.key(key)})
+    assert not np.allclose(train(1), train(2), atol=1e-3)
+    without = attention_only.clone(attention_dropout=0.0)
+    np.testing.assert_allclose(features(without, train=True), features(attention_only),
+                               atol=1e-5)
+
+
 def test_vit_train_mode(vit_ti):
     model, variables, x = vit_ti
     check_train_mode(model, variables, x)

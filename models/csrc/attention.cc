@@ -1,17 +1,18 @@
-// Multi-head attention (no mask, no dropout), float32, as XLA FFI handlers:
+// Multi-head self-attention (no mask, no dropout), float32, as XLA FFI handlers:
 //
-//   AttentionForward   q[B,T,H,D], k[B,S,H,D], v[B,S,H,D] -> o[B,T,H,D], lse[B,H,T]
-//   AttentionBackward  q, k, v, lse, do[B,T,H,D]          -> dq, dk, dv
+//   AttentionForward   qkv[B,T,3,H,D]          -> o[B,T,H,D], lse[B,H,T]
+//   AttentionBackward  qkv, lse, do[B,T,H,D]   -> dqkv[B,T,3,H,D]
 //
-// o = p·v with p = softmax(q·kᵀ/√D) for each image and head, the (batch, tokens, heads, depth)
-// arrays read and written in place; lse is the log of each softmax's denominator (with its
-// maximum), from which the gradient recomputes p: no T×S array goes to memory. Each (image,
-// head) is one task on OpenMP's threads, its T×S arrays in the core's cache from one product to
-// the next: the gradient's dv = pᵀ·do, dp = do·vᵀ, ds = p⊙(dp − Σ dp⊙p)/√D, dq = ds·k and
-// dk = dsᵀ·q likewise, where XLA's formulation makes a pass over memory for each step. The
-// products are oneDNN's matmul primitives, built once per shape, single-threaded in the tasks,
-// on contiguous copies of the head's rows: oneDNN runs its brgemm kernels on those (on the
-// strided rows, its slower gemm; 1.25x on q·kᵀ).
+// o = p·v with p = softmax(q·kᵀ/√D) for each image and head, q, k and v read in place from
+// the one array a Dense layer with the three kernels side by side writes (and their gradients
+// written likewise, for the product back through those kernels); lse is the log of each
+// softmax's denominator (with its maximum), from which the gradient recomputes p: no T×T
+// array goes to memory. Each (image, head) is one task on OpenMP's threads, its T×T arrays in
+// the core's cache from one product to the next: the gradient's dv = pᵀ·do, dp = do·vᵀ,
+// ds = p⊙(dp − Σ dp⊙p)/√D, dq = ds·k and dk = dsᵀ·q likewise, where XLA's formulation makes
+// a pass over memory for each step. The products are oneDNN's matmul primitives, built once
+// per shape, single-threaded in the tasks, on contiguous copies of the head's rows: oneDNN
+// runs its brgemm kernels on those (on the strided rows, its slower gemm; 1.25x on q·kᵀ).
 #include "attention.h"
 
 #include <algorithm>
@@ -39,10 +40,8 @@ namespace {
 using dnnl::memory;
 
 struct Heads {
-  int64_t t, s, h, d;  // query tokens, key tokens, heads, depth
-  bool operator<(const Heads& o) const {
-    return std::tie(t, s, h, d) < std::tie(o.t, o.s, o.h, o.d);
-  }
+  int64_t t, h, d;  // tokens, heads, depth
+  bool operator<(const Heads& o) const { return std::tie(t, h, d) < std::tie(o.t, o.h, o.d); }
 };
 
 // A rows × cols matrix inside a buffer, with the given row and column strides.
@@ -57,8 +56,8 @@ struct Product {
   std::string implementation;
 };
 
-// The three products of a head: x·yᵀ (t×d by d×s, the logits q·kᵀ and dp = do·vᵀ), p·y
-// (t×s by s×d: o = p·v, dq = ds·k) and pᵀ·y (s×t by t×d: dv = pᵀ·do, dk = dsᵀ·q).
+// The three products of a head: x·yᵀ (t×d by d×t, the logits q·kᵀ and dp = do·vᵀ), p·y
+// (t×t by t×d: o = p·v, dq = ds·k) and pᵀ·y (t×t by t×d: dv = pᵀ·do, dk = dsᵀ·q).
 struct Products {
   Product scores, mix, mix_transposed;
 };
@@ -93,11 +92,10 @@ Products& ProductsFor(const Heads& x) {
   auto& cache = state().products;
   auto it = cache.find(x);
   if (it != cache.end()) return *it->second;
-  const memory::desc q = Matrix(x.t, x.d, x.d, 1), k = Matrix(x.s, x.d, x.d, 1);
-  const memory::desc k_t = Matrix(x.d, x.s, 1, x.d), p = Matrix(x.t, x.s, x.s, 1);
-  const memory::desc p_t = Matrix(x.s, x.t, 1, x.s);
-  auto products = std::make_unique<Products>(
-      Products{MakeProduct(q, k_t, p), MakeProduct(p, k, q), MakeProduct(p_t, q, k)});
+  const memory::desc rows = Matrix(x.t, x.d, x.d, 1), rows_t = Matrix(x.d, x.t, 1, x.d);
+  const memory::desc p = Matrix(x.t, x.t, x.t, 1), p_t = Matrix(x.t, x.t, 1, x.t);
+  auto products = std::make_unique<Products>(Products{
+      MakeProduct(rows, rows_t, p), MakeProduct(p, rows, rows), MakeProduct(p_t, rows, rows)});
   return *cache.emplace(x, std::move(products)).first->second;
 }
 
@@ -114,11 +112,10 @@ std::vector<std::unique_ptr<Worker>>& Workers(const Products& p, const Heads& x)
   for (auto& w : workers) {
     if (w->scratchpad.size() < scratchpad) w->scratchpad.resize(scratchpad);
     for (auto* buffer : {&w->probabilities, &w->grad}) {
-      if (buffer->size() < static_cast<size_t>(x.t * x.s)) buffer->resize(x.t * x.s);
+      if (buffer->size() < static_cast<size_t>(x.t * x.t)) buffer->resize(x.t * x.t);
     }
     for (auto* buffer : {&w->q, &w->k, &w->v, &w->dout, &w->out, &w->dq, &w->dk, &w->dv}) {
-      const size_t rows = std::max(x.t, x.s);
-      if (buffer->size() < rows * x.d) buffer->resize(rows * x.d);
+      if (buffer->size() < static_cast<size_t>(x.t * x.d)) buffer->resize(x.t * x.d);
     }
   }
   return workers;
@@ -132,8 +129,7 @@ void Multiply(const Product& p, Worker& w, const float* a, const float* b, float
                                  {DNNL_ARG_DST, cm}, {DNNL_ARG_SCRATCHPAD, sm}});
 }
 
-// A head's rows × depth values, `stride` apart in the (batch, tokens, heads, depth) array,
-// copied to or from a contiguous buffer.
+// A head's rows × depth values, `stride` apart, copied to or from a contiguous buffer.
 void Gather(const float* head, int64_t rows, int64_t depth, int64_t stride, float* out) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * depth, head + r * stride, depth * 4);
 }
@@ -142,22 +138,23 @@ void Scatter(const float* in, int64_t rows, int64_t depth, int64_t stride, float
   for (int64_t r = 0; r < rows; ++r) std::memcpy(head + r * stride, in + r * depth, depth * 4);
 }
 
-// Where head j of image i starts: in q, o and their gradients, in k and v, and in lse.
+// Where head j of image i starts: its q in qkv (k and v follow, `width` = H·D apart; rows
+// `3·width` apart) and in dqkv, its o in o and do (rows `width` apart), and its lse.
 struct Head {
-  int64_t ld, query, key, lse;
+  int64_t width, qkv, o, lse;
 };
 
 Head HeadAt(const Heads& x, int64_t i, int64_t j) {
-  const int64_t ld = x.h * x.d;
-  return {ld, i * x.t * ld + j * x.d, i * x.s * ld + j * x.d, (i * x.h + j) * x.t};
+  const int64_t width = x.h * x.d;
+  return {width, i * x.t * 3 * width + j * x.d, i * x.t * width + j * x.d, (i * x.h + j) * x.t};
 }
 
 // The head's rows of q, k and v, copied into the worker's contiguous buffers.
-void GatherQkv(const Heads& x, const Head& at, const float* q, const float* k, const float* v,
-               Worker& w) {
-  Gather(q + at.query, x.t, x.d, at.ld, w.q.data());
-  Gather(k + at.key, x.s, x.d, at.ld, w.k.data());
-  Gather(v + at.key, x.s, x.d, at.ld, w.v.data());
+void GatherQkv(const Heads& x, const Head& at, const float* qkv, Worker& w) {
+  const float* q = qkv + at.qkv;
+  Gather(q, x.t, x.d, 3 * at.width, w.q.data());
+  Gather(q + at.width, x.t, x.d, 3 * at.width, w.k.data());
+  Gather(q + 2 * at.width, x.t, x.d, 3 * at.width, w.v.data());
 }
 
 // Each row of `p` (rows × cols) replaced by softmax(scale · row), the log of whose denominator
@@ -230,74 +227,75 @@ ffi::Error ForEachHead(const char* what, int64_t images, const Heads& x, Task ta
   return ffi::Error::Success();
 }
 
-bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  return std::equal(a.begin(), a.end(), b.begin(), b.end());
-}
-
-// The heads of q[B,T,H,D] and k, v[B,S,H,D], or false if the shapes do not fit.
-bool HeadsOf(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k,
-             ffi::Span<const int64_t> v, Heads& x) {
-  if (q.size() != 4 || k.size() != 4 || !SameDims(k, v) || q[0] != k[0] || q[2] != k[2] ||
-      q[3] != k[3]) {
-    return false;
-  }
-  x = {q[1], k[1], q[2], q[3]};
+// The heads of qkv[B,T,3,H,D], or false if the shape does not fit.
+bool HeadsOf(ffi::Span<const int64_t> qkv, Heads& x) {
+  if (qkv.size() != 5 || qkv[2] != 3) return false;
+  x = {qkv[1], qkv[3], qkv[4]};
   return true;
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+// Whether `o` is qkv's [B,T,H,D] (the attention's output, or its gradient) and `lse` its
+// [B,H,T].
+bool FitsQkv(ffi::Span<const int64_t> qkv, ffi::Span<const int64_t> o,
+             ffi::Span<const int64_t> lse) {
+  const int64_t b = qkv[0], t = qkv[1], h = qkv[3], d = qkv[4];
+  return o.size() == 4 && o[0] == b && o[1] == t && o[2] == h && o[3] == d && lse.size() == 3 &&
+         lse[0] == b && lse[1] == h && lse[2] == t;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> lse) {
   Heads x;
-  if (!HeadsOf(q.dimensions(), k.dimensions(), v.dimensions(), x)) {
+  if (!HeadsOf(qkv.dimensions(), x) || !FitsQkv(qkv.dimensions(), o->dimensions(),
+                                                lse->dimensions())) {
     return ffi::Error::InvalidArgument(
-        "attention: wants q[B,T,H,D], k and v[B,S,H,D] -> o[B,T,H,D], lse[B,H,T]");
+        "attention: wants qkv[B,T,3,H,D] -> o[B,T,H,D], lse[B,H,T]");
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(x.d));
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
+  const float* in = qkv.typed_data();
   float *od = o->typed_data(), *lsed = lse->typed_data();
-  return ForEachHead("attention: ", q.dimensions()[0], x,
+  return ForEachHead("attention: ", qkv.dimensions()[0], x,
                      [&](const Products& m, Worker& w, int64_t i, int64_t j) {
     const Head at = HeadAt(x, i, j);
     float* p = w.probabilities.data();
-    GatherQkv(x, at, qd, kd, vd, w);
+    GatherQkv(x, at, in, w);
     Multiply(m.scores, w, w.q.data(), w.k.data(), p);
-    SoftmaxRows(p, lsed + at.lse, x.t, x.s, scale);
+    SoftmaxRows(p, lsed + at.lse, x.t, x.t, scale);
     Multiply(m.mix, w, p, w.v.data(), w.out.data());
-    Scatter(w.out.data(), x.t, x.d, at.ld, od + at.query);
+    Scatter(w.out.data(), x.t, x.d, at.width, od + at.o);
   });
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error Backward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv) {
   Heads x;
-  if (!HeadsOf(q.dimensions(), k.dimensions(), v.dimensions(), x) ||
-      !SameDims(q.dimensions(), dout.dimensions())) {
+  const auto dims = qkv.dimensions(), grad_dims = dqkv->dimensions();
+  if (!HeadsOf(dims, x) || !FitsQkv(dims, dout.dimensions(), lse.dimensions()) ||
+      !std::equal(dims.begin(), dims.end(), grad_dims.begin(), grad_dims.end())) {
     return ffi::Error::InvalidArgument(
-        "attention gradient: wants q[B,T,H,D], k and v[B,S,H,D], lse[B,H,T], do[B,T,H,D]");
+        "attention gradient: wants qkv[B,T,3,H,D], lse[B,H,T], do[B,T,H,D] -> dqkv[B,T,3,H,D]");
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(x.d));
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
-  const float *lsed = lse.typed_data(), *dod = dout.typed_data();
-  float *dqd = dq->typed_data(), *dkd = dk->typed_data(), *dvd = dv->typed_data();
-  return ForEachHead("attention gradient: ", q.dimensions()[0], x,
+  const float *in = qkv.typed_data(), *lsed = lse.typed_data(), *dod = dout.typed_data();
+  float* grads = dqkv->typed_data();
+  return ForEachHead("attention gradient: ", dims[0], x,
                      [&](const Products& m, Worker& w, int64_t i, int64_t j) {
     const Head at = HeadAt(x, i, j);
     float *p = w.probabilities.data(), *grad = w.grad.data(), *qc = w.q.data(), *kc = w.k.data(),
           *vc = w.v.data(), *doc = w.dout.data();
-    GatherQkv(x, at, qd, kd, vd, w);
-    Gather(dod + at.query, x.t, x.d, at.ld, doc);
+    GatherQkv(x, at, in, w);
+    Gather(dod + at.o, x.t, x.d, at.width, doc);
     Multiply(m.scores, w, qc, kc, p);
-    ProbabilityRows(p, lsed + at.lse, x.t, x.s, scale);
+    ProbabilityRows(p, lsed + at.lse, x.t, x.t, scale);
     Multiply(m.mix_transposed, w, p, doc, w.dv.data());
     Multiply(m.scores, w, doc, vc, grad);
-    SoftmaxGradRows(p, grad, x.t, x.s, scale);
+    SoftmaxGradRows(p, grad, x.t, x.t, scale);
     Multiply(m.mix, w, grad, kc, w.dq.data());
     Multiply(m.mix_transposed, w, grad, qc, w.dk.data());
-    Scatter(w.dq.data(), x.t, x.d, at.ld, dqd + at.query);
-    Scatter(w.dk.data(), x.s, x.d, at.ld, dkd + at.key);
-    Scatter(w.dv.data(), x.s, x.d, at.ld, dvd + at.key);
+    float* dq = grads + at.qkv;
+    Scatter(w.dq.data(), x.t, x.d, 3 * at.width, dq);
+    Scatter(w.dk.data(), x.t, x.d, 3 * at.width, dq + at.width);
+    Scatter(w.dv.data(), x.t, x.d, 3 * at.width, dq + 2 * at.width);
   });
 }
 
@@ -321,8 +319,6 @@ std::string AttentionImplementations() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
@@ -330,8 +326,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
