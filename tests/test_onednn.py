@@ -1,7 +1,11 @@
 """oneDNN convolutions and matrix products, and the batch norm's native sums, through XLA's FFI
 against XLA's own, alone, under jit over a sharded mesh, and inside a model's train step."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,27 @@ def test_missing_onednn_headers_are_named_with_the_fix(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="libdnnl-dev"):
         onednn.build()
     assert not list(tmp_path.rglob("*.so"))
+
+
+def openmp_settings_on_loading(**env) -> tuple[str, str]:
+    """What OpenMP says of its settings as a fresh process loads the library, and what that
+    process's environment holds of the wait policy afterwards."""
+    loads = ("import os; from models import onednn; assert onednn.available(); "
+             "print(os.environ.get('OMP_WAIT_POLICY'))")
+    done = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "OMP_DISPLAY_ENV": "VERBOSE", **env})
+    return done.stderr, done.stdout.strip()
+
+
+@needs_onednn
+def test_openmp_loads_passive_unless_the_environment_says_otherwise(monkeypatch):
+    for key in onednn.OPENMP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    shown, left = openmp_settings_on_loading()  # unset, GNU OpenMP would spin 300000 times
+    assert "GOMP_SPINCOUNT = '0'" in shown and left == "None"
+    shown, left = openmp_settings_on_loading(OMP_WAIT_POLICY="ACTIVE")
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in shown and left == "ACTIVE"
 
 
 def conv_of(op, strides, padding):
