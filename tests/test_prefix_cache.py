@@ -63,6 +63,7 @@ def test_cache_without_a_frozen_prefix_is_refused(make_config, tmp_path):
                                  tmp_path)
 
 
+@pytest.mark.slow
 def test_model_whose_later_blocks_read_an_earlier_frozen_block_is_refused(make_config, tmp_path):
     # GoogLeNet's first auxiliary head (frozen, its loss still counted) reads inception4a's
     # output, inside a frozen prefix ending at inception4b.

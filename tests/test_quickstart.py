@@ -14,6 +14,7 @@ def quickstart(tfds_dir, arg):
                        f"transfer.data.tfds_dir={tfds_dir}")
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end_on_a_reduced_config(tfds_dir, tmp_path):
     cfg = quickstart(tfds_dir, "reduced=True")
     rows = ablate.run_ablation(cfg, tmp_path)
