@@ -43,8 +43,9 @@ within ~3e-6 of the largest output (direct and XLA differ from each other by abo
 The library brings in GNU OpenMP, which reads its settings once, as it loads: this module loads
 it with ``OPENMP_DEFAULTS`` (``OMP_WAIT_POLICY=PASSIVE``) unless the environment sets them.
 By default an OpenMP worker spins (300,000 pauses, milliseconds) after each call here, holding one of the
-cores that XLA's fused element-wise ops between two calls run on; passive, it sleeps at once:
-ViT-S/16's train step 5-10% faster, EfficientNet-B0's 3-6%, ResNet-50's unchanged. Where another
+cores that XLA's fused element-wise ops between two calls run on; passive, it sleeps at once
+(train steps in pairs of processes: ViT-S/16 a median +3% over eight pairs, EfficientNet-B0 and
+MobileNetV2 +3-8%, ResNet-50 a median −2% over five, within this machine's noise). Where another
 library loaded OpenMP first (``import torch`` before the first oneDNN call), its settings stay.
 """
 
