@@ -32,6 +32,7 @@ def test_position_embedding_resampling_keeps_the_class_token_and_smooth_grids():
     assert np.all(np.diff(small[0, 1:, 0].reshape(7, 7), axis=0) > 0)  # rows still increase
 
 
+@pytest.mark.slow
 def test_converted_resnet_fine_tunes_on_grayscale_fashion_mnist(make_config, tmp_path):
     torch = reference.torch_or_skip()
     import torchvision

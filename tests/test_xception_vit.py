@@ -122,7 +122,8 @@ def convert(path, arch: str, image_size: int):
 VIT_CASES = [("vit_b16", 224), ("vit_b16", 64), ("vit_b32", 224), ("vit_b32", 96),
              pytest.param("vit_l16", 224, marks=pytest.mark.slow),
              pytest.param("vit_l16", 64, marks=pytest.mark.slow),
-             pytest.param("vit_l32", 224, marks=pytest.mark.slow), ("vit_l32", 96)]
+             pytest.param("vit_l32", 224, marks=pytest.mark.slow),
+             pytest.param("vit_l32", 96, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("arch,size", VIT_CASES)
