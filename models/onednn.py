@@ -41,12 +41,11 @@ within ~3e-6 of the largest output (direct and XLA differ from each other by abo
 ``TRANSFERLAB_ONEDNN_WINOGRAD=0``, read while tracing, keeps them direct.
 
 The library brings in GNU OpenMP, which reads its settings once, as it loads: this module loads
-it with ``OPENMP_DEFAULTS`` (``OMP_WAIT_POLICY=PASSIVE``) unless the environment sets them.
-By default an OpenMP worker spins (300,000 pauses, milliseconds) after each call here, holding one of the
-cores that XLA's fused element-wise ops between two calls run on; passive, it sleeps at once
-(train steps in pairs of processes: ViT-S/16 a median +3% over eight pairs, EfficientNet-B0 and
-MobileNetV2 +3-8%, ResNet-50 a median −2% over five, within this machine's noise). Where another
-library loaded OpenMP first (``import torch`` before the first oneDNN call), its settings stay.
+it with ``OPENMP_DEFAULTS`` (``OMP_WAIT_POLICY=PASSIVE``) unless the environment sets them. By
+default an OpenMP worker spins for milliseconds after each call here, holding one of the cores
+on which XLA runs the fused element-wise ops between two calls; passive, it sleeps at once (the
+README's Speed section has the measurements). Where another library loaded OpenMP first
+(``import torch`` before the first oneDNN call), its settings stay.
 """
 
 from __future__ import annotations

@@ -120,10 +120,9 @@ def convert(path, arch: str, image_size: int):
 
 
 VIT_CASES = [("vit_b16", 224), ("vit_b16", 64), ("vit_b32", 224), ("vit_b32", 96),
-             pytest.param("vit_l16", 224, marks=pytest.mark.slow),
-             pytest.param("vit_l16", 64, marks=pytest.mark.slow),
-             pytest.param("vit_l32", 224, marks=pytest.mark.slow),
-             pytest.param("vit_l32", 96, marks=pytest.mark.slow)]
+             *(pytest.param(arch, size, marks=pytest.mark.slow)  # ViT-L: large models
+               for arch, size in [("vit_l16", 224), ("vit_l16", 64), ("vit_l32", 224),
+                                  ("vit_l32", 96)])]
 
 
 @pytest.mark.parametrize("arch,size", VIT_CASES)
