@@ -9,7 +9,9 @@ settings are its own, and the measurements run one at a time. Where two sides ar
 (PyTorch, PyTorch without glibc's tunables, ours) their processes take turns, a few steps
 each after one untimed step, until each has its steps: the machine's drift over minutes
 (±15% seen here) moves both sides alike instead of the ratio. They set up in that order,
-ours last: of two identical processes, the first set up measured 1.5–5% faster here.
+ours last: of two identical processes, the first set up measured 1.5–5% faster here. The
+freeze sweep likewise runs each depth (and its cached prefix) in turns with full fine-tuning,
+set up first, and divides by that full step for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
 ``ratio``, …) and ``bench.md``.
 """
@@ -320,22 +322,24 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
                    peer_peak_mb=peer["peak_mb"], peer_glibc_defaults=as_shipped["img_s"],
                    ratio_to_peer_glibc_defaults=ours["img_s"] / as_shipped["img_s"], **bound)
     blocks = experiment_blocks(freeze_model)
-    full = None
-    for depth in range(len(blocks)):
-        ours = measure("ours_train", model=freeze_model, batch=batch, size=size, steps=steps,
-                       freeze_depth=depth)
-        full = full or ours
-        frozen = f" ({', '.join(blocks[:depth])} frozen)" if depth else ""
-        record(freeze_model, f"train, freeze depth {depth}{frozen}", ours["img_s"],
-               speedup=ours["img_s"] / full["img_s"], flops=ours["flops"],
-               peak_mb=ours["peak_mb"], trainable_params=ours["trainable_params"])
-        if depth:
-            cached = measure("ours_train", model=freeze_model, batch=batch, size=size,
-                             steps=steps, freeze_depth=depth, cache_prefix=True)
-            record(freeze_model, f"train, freeze depth {depth}, cached prefix", cached["img_s"],
-                   speedup=cached["img_s"] / full["img_s"], flops=cached["flops"],
-                   peak_mb=cached["peak_mb"], prefix_s_per_image=cached["prefix_s_per_image"],
-                   cached_shape=cached["cached_shape"])
+    train = dict(model=freeze_model, batch=batch, size=size, steps=steps)
+    for depth in range(1, len(blocks)):  # each depth in turns with full fine-tuning
+        full, ours, cached = measure_interleaved(
+            [("ours_train", False, train), ("ours_train", False, dict(train, freeze_depth=depth)),
+             ("ours_train", False, dict(train, freeze_depth=depth, cache_prefix=True))])
+        if depth == 1:
+            record(freeze_model, "train, freeze depth 0", full["img_s"], speedup=1.0,
+                   flops=full["flops"], peak_mb=full["peak_mb"],
+                   trainable_params=full["trainable_params"])
+        record(freeze_model, f"train, freeze depth {depth} ({', '.join(blocks[:depth])} frozen)",
+               ours["img_s"], speedup=ours["img_s"] / full["img_s"], full_img_s=full["img_s"],
+               flops=ours["flops"], peak_mb=ours["peak_mb"],
+               trainable_params=ours["trainable_params"])
+        record(freeze_model, f"train, freeze depth {depth}, cached prefix", cached["img_s"],
+               speedup=cached["img_s"] / full["img_s"], full_img_s=full["img_s"],
+               flops=cached["flops"], peak_mb=cached["peak_mb"],
+               prefix_s_per_image=cached["prefix_s_per_image"],
+               cached_shape=cached["cached_shape"])
     probe = measure("ours_probe", model=freeze_model, batch=batch, size=size, steps=steps)
     record(freeze_model, "probe epoch: cached vs recompute", probe["recompute_epoch_s"] /
            probe["cached_epoch_s"], unit="× faster", cached_s=probe["cached_epoch_s"],
@@ -376,7 +380,8 @@ def markdown(records: list[dict], env: dict, args) -> str:
              f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
              f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps, "
              "the compared sides taking turns (2 steps each, after an untimed one; PyTorch set up "
-             "first); "
+             "first; each freeze depth with full fine-tuning, its `speedup` against that "
+             "`full_img_s`); "
              f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}` for both "
              "(`peer_glibc_defaults`: PyTorch without it).", "",
              "| model | measurement | ours | PyTorch | ratio | notes |",

@@ -31,4 +31,5 @@ def test_benchmark_runs_in_quick_mode(tmp_path):
     assert len(depths) == 6 and depths[0]["flops"] > depths[-1]["flops"]
     assert len(cached) == 5 and all(r["prefix_s_per_image"] > 0 for r in cached)
     assert all(c["flops"] < d["flops"] for c, d in zip(cached, depths[1:]))
+    assert all(r["speedup"] == r["ours"] / r["full_img_s"] for r in sweep[1:])
     assert "| resnet18 | train step |" in (tmp_path / "bench.md").read_text()
