@@ -164,8 +164,8 @@ void SoftmaxRows(float* p, float* lse, int64_t rows, int64_t cols, float scale) 
   for (int64_t i = 0; i < rows; ++i) {
     float* row = p + i * cols;
     float top = row[0], sum = 0.0f;
-#pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < cols; ++j) top = std::max(top, row[j]);
+#pragma omp simd reduction(max : top)  // a comparison: GCC leaves std::max's reduction scalar
+    for (int64_t j = 0; j < cols; ++j) top = row[j] > top ? row[j] : top;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < cols; ++j) {
       row[j] = transferlab::Exp((row[j] - top) * scale);
