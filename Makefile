@@ -11,9 +11,8 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Outside CI the slow end-to-end and large-model tests are left out; CI runs them too, all but
 # the exhaustive reference sweeps (every Keras architecture), which `make test-all` adds.
 PYTEST_ARGS ?= $(if $(CI),-m "not exhaustive",-m "not slow")
-# Huge pages for glibc's large buffers (see scripts/common.py), for pytest's own process; the
-# scripts restart with the rest of the project's glibc tunables, which keep a process's memory
-# at its high-water mark: not for one process that runs hundreds of models one after another.
+# Huge pages for glibc's large buffers (see scripts/common.py): the scripts restart with it,
+# and the tests run in pytest's own process.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test test-all setup data onednn

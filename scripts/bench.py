@@ -267,9 +267,8 @@ def _start(name: str, glibc_defaults: bool, kwargs: dict, turn_steps: int):
     env = {**os.environ, TURN_STEPS: str(turn_steps)}
     if glibc_defaults:
         tunables = env.get("GLIBC_TUNABLES", "").split(":")
-        ours = common.CPU_GLIBC_TUNABLES.split(":")
-        env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t not in ours)
-        env[common.NO_CPU_GLIBC_TUNABLES] = "0"
+        env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t != common.CPU_GLIBC_TUNABLES)
+        env["TRANSFERLAB_HUGE_PAGES"] = "0"
     process = subprocess.Popen(
         [sys.executable, "-m", "scripts.bench", "--one", json.dumps({"name": name, **kwargs})],
         cwd=Path(__file__).parents[1], env=env, text=True, stdin=subprocess.PIPE,

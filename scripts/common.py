@@ -5,33 +5,21 @@ from __future__ import annotations
 import os
 import sys
 
-# glibc's malloc, set for buffers of many megabytes that every step allocates and frees (glibc
-# reads its tunables once, at start-up). By default it maps each large buffer afresh and unmaps
-# it when freed, and Linux faults it in 4 KiB at a time: a MobileNetV2 train step (batch 16,
-# 224²) takes 317,000 page faults, half of its CPU time in the kernel. With transparent huge pages
-# on malloc's own mappings (hugetlb) it takes 800 and runs 1.6× faster, but Linux still zeroes
-# each fresh page: 22% of an EfficientNet-B0 step. One heap (arena_max) for every buffer
-# (mmap_max), never given back to Linux (trim_threshold: 64 GiB), lets a step reuse the pages the
-# step before freed: MobileNetV2 and EfficientNet-B0 train 8-16% faster again. A process's memory
-# then stays at its high-water mark.
-CPU_GLIBC_TUNABLES = ":".join(("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1",
-                               "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}"))
-NO_CPU_GLIBC_TUNABLES = "TRANSFERLAB_GLIBC_TUNABLES"  # =0: none of them
-
-
-def tunable_names(tunables: str) -> set[str]:
-    return {t.partition("=")[0] for t in tunables.split(":") if t}
+# glibc's malloc maps each large buffer afresh (and unmaps it when freed), and Linux faults it
+# in 4 KiB at a time: a MobileNetV2 train step (batch 16, 224²) takes 317,000 page faults, half
+# of its CPU time in the kernel. With transparent huge pages on malloc's own mappings it takes
+# 800, and runs 1.6× faster. glibc reads its tunables once, at start-up.
+CPU_GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
 def with_cpu_glibc_tunables(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with those of ``CPU_GLIBC_TUNABLES`` its GLIBC_TUNABLES does not set added, unless
-    the C library is not glibc 2.35 or newer or TRANSFERLAB_GLIBC_TUNABLES=0."""
+    """``env`` with ``CPU_GLIBC_TUNABLES`` added to its GLIBC_TUNABLES, unless the setting is
+    there already, the C library is not glibc 2.35 or newer, or TRANSFERLAB_HUGE_PAGES=0."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    missing = [t for t in CPU_GLIBC_TUNABLES.split(":")
-               if t.partition("=")[0] not in tunable_names(tunables)]
-    if not missing or env.get(NO_CPU_GLIBC_TUNABLES) == "0" or not glibc_has_hugetlb():
+    if ("glibc.malloc.hugetlb" in tunables or env.get("TRANSFERLAB_HUGE_PAGES") == "0"
+            or not glibc_has_hugetlb()):
         return env
-    return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, *missing)))}
+    return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, CPU_GLIBC_TUNABLES)))}
 
 
 def libc_version() -> str:
