@@ -323,23 +323,23 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
                    ratio_to_peer_glibc_defaults=ours["img_s"] / as_shipped["img_s"], **bound)
     blocks = experiment_blocks(freeze_model)
     train = dict(model=freeze_model, batch=batch, size=size, steps=steps)
+
+    def record_sweep(what, measured, full, **extra):
+        record(freeze_model, what, measured["img_s"], speedup=measured["img_s"] / full["img_s"],
+               full_img_s=full["img_s"], flops=measured["flops"], peak_mb=measured["peak_mb"],
+               **extra)
     for depth in range(1, len(blocks)):  # each depth in turns with full fine-tuning
         full, ours, cached = measure_interleaved(
             [("ours_train", False, train), ("ours_train", False, dict(train, freeze_depth=depth)),
              ("ours_train", False, dict(train, freeze_depth=depth, cache_prefix=True))])
         if depth == 1:
-            record(freeze_model, "train, freeze depth 0", full["img_s"], speedup=1.0,
-                   flops=full["flops"], peak_mb=full["peak_mb"],
-                   trainable_params=full["trainable_params"])
-        record(freeze_model, f"train, freeze depth {depth} ({', '.join(blocks[:depth])} frozen)",
-               ours["img_s"], speedup=ours["img_s"] / full["img_s"], full_img_s=full["img_s"],
-               flops=ours["flops"], peak_mb=ours["peak_mb"],
-               trainable_params=ours["trainable_params"])
-        record(freeze_model, f"train, freeze depth {depth}, cached prefix", cached["img_s"],
-               speedup=cached["img_s"] / full["img_s"], full_img_s=full["img_s"],
-               flops=cached["flops"], peak_mb=cached["peak_mb"],
-               prefix_s_per_image=cached["prefix_s_per_image"],
-               cached_shape=cached["cached_shape"])
+            record_sweep("train, freeze depth 0", full, full,
+                         trainable_params=full["trainable_params"])
+        record_sweep(f"train, freeze depth {depth} ({', '.join(blocks[:depth])} frozen)", ours,
+                     full, trainable_params=ours["trainable_params"])
+        record_sweep(f"train, freeze depth {depth}, cached prefix", cached, full,
+                     prefix_s_per_image=cached["prefix_s_per_image"],
+                     cached_shape=cached["cached_shape"])
     probe = measure("ours_probe", model=freeze_model, batch=batch, size=size, steps=steps)
     record(freeze_model, "probe epoch: cached vs recompute", probe["recompute_epoch_s"] /
            probe["cached_epoch_s"], unit="× faster", cached_s=probe["cached_epoch_s"],
