@@ -208,6 +208,17 @@ def has_mkl(library=None) -> bool:
     return library is not None and hasattr(library, "MklSgemm")
 
 
+def sgemm_suits(kernel_shape, strides, pads, groups: int) -> bool:
+    """Whether a convolution runs as a Dense layer on MKL's sgemm (``dense``) instead: 1×1,
+    stride 1, unpadded, ungrouped, at least 128 channels in and out. There oneDNN 2.6's 1×1
+    kernels take 1.1–1.4× MKL's time over the three passes (ResNet-50's stages 2–4, the widest
+    pointwise layers of MobileNetV2 and EfficientNet); with fewer channels they are as fast or
+    faster."""
+    return (tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and groups == 1
+            and not any(any(pad) for pad in pads) and min(kernel_shape[2:]) >= 128
+            and has_mkl())
+
+
 def winograd_suits(kernel_shape, strides, groups: int) -> bool:
     """Whether a convolution goes to oneDNN's Winograd kernels (oneDNN falls back to direct
     where the machine has none)."""

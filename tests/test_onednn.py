@@ -118,6 +118,29 @@ def test_winograd_is_asked_for_3x3_stride_1_only_and_can_be_turned_off(winograd,
     assert not asked(3, 1)
 
 
+@needs_onednn
+def test_wide_stride_1_pointwise_convolutions_run_as_dense_products_with_xlas_values():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 6, 128)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 1, 128, 160)) / np.sqrt(128), jnp.float32)
+    pointwise = conv_of(ops.conv_general_dilated, (1, 1), "VALID")
+    grads = jax.grad(lambda x, w: (pointwise(x, w) ** 2).sum(), (0, 1))
+    text = compiled_text(grads, x, w)
+    if onednn.has_mkl():
+        assert text.count("transferlab_mkl_sgemm") == 3 and "onednn_forward" not in text
+    else:
+        assert "transferlab_onednn_forward" in text
+    assert_same_values_and_gradients(pointwise, conv_of(lax.conv_general_dilated, (1, 1), "VALID"),
+                                     x, w, atol=1e-4)
+    narrow, strided, padded = (compiled_text(conv_of(ops.conv_general_dilated, stride, pads), x,
+                                             w[..., :width])
+                               for width, stride, pads in [(127, (1, 1), "VALID"),
+                                                           (160, (2, 2), "VALID"),
+                                                           (160, (1, 1), ((1, 0), (0, 0)))])
+    for text in (narrow, strided, padded):
+        assert "transferlab_onednn_forward" in text and "mkl_sgemm" not in text
+
+
 def compiled_text(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 
