@@ -132,6 +132,10 @@ def test_wide_stride_1_pointwise_convolutions_run_as_dense_products_with_xlas_va
         assert "transferlab_onednn_forward" in text
     assert_same_values_and_gradients(pointwise, conv_of(lax.conv_general_dilated, (1, 1), "VALID"),
                                      x, w, atol=1e-4)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    images = jnp.tile(x, (8 // x.shape[0] + 1, 1, 1, 1))[:8]
+    assert "all-gather" not in compiled_text(
+        grads, jax.device_put(images, NamedSharding(mesh, P("data"))), w)
     narrow, strided, padded = (compiled_text(conv_of(ops.conv_general_dilated, stride, pads), x,
                                              w[..., :width])
                                for width, stride, pads in [(127, (1, 1), "VALID"),
