@@ -132,10 +132,8 @@ def test_wide_stride_1_pointwise_convolutions_run_as_dense_products_with_xlas_va
         assert "transferlab_onednn_forward" in text
     assert_same_values_and_gradients(pointwise, conv_of(lax.conv_general_dilated, (1, 1), "VALID"),
                                      x, w, atol=1e-4)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     images = jnp.tile(x, (8 // x.shape[0] + 1, 1, 1, 1))[:8]
-    assert "all-gather" not in compiled_text(
-        grads, jax.device_put(images, NamedSharding(mesh, P("data"))), w)
+    assert "all-gather" not in compiled_text(grads, split_over_devices(images), w)
     narrow, strided, padded = (compiled_text(conv_of(ops.conv_general_dilated, stride, pads), x,
                                              w[..., :width])
                                for width, stride, pads in [(127, (1, 1), "VALID"),
@@ -143,6 +141,12 @@ def test_wide_stride_1_pointwise_convolutions_run_as_dense_products_with_xlas_va
                                                            (160, (1, 1), ((1, 0), (0, 0)))])
     for text in (narrow, strided, padded):
         assert "transferlab_onednn_forward" in text and "mkl_sgemm" not in text
+
+
+def split_over_devices(x):
+    """``x`` with its batch axis split over a mesh of the 8 CPU devices the tests run with."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.device_put(x, NamedSharding(mesh, P("data")))
 
 
 def compiled_text(fn, *args):
@@ -168,8 +172,7 @@ def test_each_device_convolves_its_shard_of_the_batch(kernel_shape, groups, kern
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 6, 6, 3)), jnp.float32)
     w = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = split_over_devices(x)
     loss = lambda op: lambda x, w: (grouped_conv(op, (1, 1), "SAME", groups)(x, w) ** 2).sum()
     grads = jax.grad(loss(ops.conv_general_dilated), (0, 1))
     text = compiled_text(grads, sharded, w)
@@ -226,8 +229,7 @@ def test_attention_is_one_call_each_way_and_keeps_no_tokens_by_tokens_array():
 @needs_onednn
 def test_each_device_attends_within_its_shard_of_the_batch():
     qkv = jnp.asarray(np.random.default_rng(0).standard_normal((8, 5, 3, 2, 4)), jnp.float32)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(qkv, NamedSharding(mesh, P("data")))
+    sharded = split_over_devices(qkv)
     loss = lambda attention: lambda qkv: (attention(qkv) ** 2).sum()
     grad = jax.grad(loss(onednn.self_attention))
     text = compiled_text(grad, sharded)
@@ -263,8 +265,7 @@ def test_each_device_multiplies_its_rows_and_the_kernel_gradient_is_summed():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 5, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = split_over_devices(x)
     grads = jax.grad(lambda x, w: (onednn.dense(x, w) ** 2).sum(), (0, 1))
     text = compiled_text(grads, sharded, w)
     assert product_target() in text and "all-gather" not in text
@@ -291,8 +292,7 @@ def test_each_device_normalizes_its_shard_of_the_batch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 5, 6)), jnp.float32)
     scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = split_over_devices(x)
     loss = lambda x, scale, bias: (ops.layer_norm(x, scale, bias, 1e-6) ** 3).sum()
     grads = jax.grad(loss, (0, 1, 2))
     text = compiled_text(grads, sharded, scale, bias)
@@ -343,8 +343,7 @@ def test_each_device_sums_its_shard_of_the_batch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 5, 5, 3)) + 1, jnp.float32)
     scale, bias = jnp.linspace(0.5, 2, 3), jnp.linspace(-1, 1, 3)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = split_over_devices(x)
     loss = lambda x, scale: (ops.batch_norm(x, scale, bias, 1e-5, "relu")[0] ** 3).sum()
     grads = jax.grad(loss, (0, 1))
     text = compiled_text(grads, sharded, scale)
@@ -359,8 +358,7 @@ def test_each_device_sums_its_shard_of_the_batch():
 def test_each_device_pools_the_gradient_of_its_shard_of_the_batch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 9, 9, 5)), jnp.float32)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = split_over_devices(x)
     grad = jax.grad(lambda x: (ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) ** 2).sum())
     text = compiled_text(grad, sharded)
     assert "transferlab_onednn_max_pool_backward" in text and "all-gather" not in text
