@@ -290,12 +290,29 @@ def _until_turn_or_end(process):
     return json.loads(last)
 
 
-def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print) -> list[dict]:
-    records = []
+def compared_rounds(kind: str, shape: dict, rounds: int) -> list[tuple[dict, dict, dict]]:
+    """``rounds`` times, fresh processes of PyTorch, PyTorch with glibc's defaults and ours
+    taking turns: their results, a (peer, as_shipped, ours) triple per round."""
+    return [tuple(measure_interleaved([(f"peer_{kind}", False, shape),
+                                       (f"peer_{kind}", True, shape),
+                                       (f"ours_{kind}", False, shape)]))
+            for _ in range(rounds)]
 
-    def record(model, what, ours, peer=None, unit="img/s", **extra):
+
+def median_of(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def run(models, batch: int, size: int, steps: int, freeze_model: str | None, rounds: int,
+        records: list[dict], log=print) -> None:
+    """Measure, appending to ``records`` as it goes (so that a failure keeps what was measured).
+    With ``rounds`` > 1 the compared sides run that many times in fresh processes: their img/s
+    are the rounds' medians, the ratio the median of the rounds' ratios, ``round_ratios`` each
+    round's. Without ``freeze_model`` the freeze sweep and the probe are left out."""
+
+    def record(model, what, ours, peer=None, unit="img/s", ratio=None, **extra):
         rec = dict(model=model, what=what, ours=ours, peer=peer, unit=unit,
-                   ratio=ours / peer if peer else None, **extra)
+                   ratio=ratio or (ours / peer if peer else None), **extra)
         records.append(rec)
         log(f"{model:>16} {what:<28} ours {ours:10.2f} {unit}"
             + (f"  peer {peer:10.2f}  ratio {rec['ratio']:.2f}" if peer else ""))
@@ -308,19 +325,35 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
     for model in models:
         for kind in ("train", "inference"):
             shape = dict(model=model, batch=batch, size=size, steps=steps)
-            peer, as_shipped, ours = measure_interleaved(
-                [(f"peer_{kind}", False, shape), (f"peer_{kind}", True, shape),
-                 (f"ours_{kind}", False, shape)])
+            peers, as_shipped, ours = zip(*compared_rounds(kind, shape, rounds))
+            ours_img_s, peer_img_s = median_of(ours, "img_s"), median_of(peers, "img_s")
+            as_shipped_img_s = median_of(as_shipped, "img_s")
+            extra = {}
+            if rounds > 1:
+                ratios = [o["img_s"] / p["img_s"] for o, p in zip(ours, peers)]
+                extra = dict(ratio=statistics.median(ratios),
+                             round_ratios=[round(r, 3) for r in ratios])
             if kind == "train":  # img/s if the step's flops ran at the matmul rate
-                limit = max(peak) * 1e9 * batch / ours["flops"]
-                bound = dict(peak_bound=limit, ours_of_bound=ours["img_s"] / limit,
-                             peer_of_bound=peer["img_s"] / limit)
-            else:
-                bound = {}
-            record(model, f"{kind} step", ours["img_s"], peer["img_s"],
-                   compile_s=ours["compile_s"], peak_mb=ours["peak_mb"],
-                   peer_peak_mb=peer["peak_mb"], peer_glibc_defaults=as_shipped["img_s"],
-                   ratio_to_peer_glibc_defaults=ours["img_s"] / as_shipped["img_s"], **bound)
+                limit = max(peak) * 1e9 * batch / ours[0]["flops"]
+                extra.update(peak_bound=limit, ours_of_bound=ours_img_s / limit,
+                             peer_of_bound=peer_img_s / limit)
+            record(model, f"{kind} step", ours_img_s, peer_img_s,
+                   compile_s=median_of(ours, "compile_s"), peak_mb=max(o["peak_mb"] for o in ours),
+                   peer_peak_mb=max(p["peak_mb"] for p in peers),
+                   peer_glibc_defaults=as_shipped_img_s,
+                   ratio_to_peer_glibc_defaults=ours_img_s / as_shipped_img_s, **extra)
+    if freeze_model:
+        freeze_sweep(freeze_model, batch, size, steps, record)
+    consumed = max(r["ours"] for r in records if r["what"] == "train step")
+    for dataset in ("fashion_mnist", f"synthetic:{size}x{size}x3:1000"):
+        pipe = measure("ours_pipeline", dataset=dataset, batch=batch, steps=steps * 5)
+        record(dataset, "input pipeline", pipe["img_s"],
+               model_consumes=consumed, headroom=pipe["img_s"] / consumed)
+
+
+def freeze_sweep(freeze_model: str, batch: int, size: int, steps: int, record) -> None:
+    """Every freeze depth of ``freeze_model`` (and its cached prefix) in turns with full
+    fine-tuning, then the probe epoch on cached features against recomputing them."""
     blocks = experiment_blocks(freeze_model)
     train = dict(model=freeze_model, batch=batch, size=size, steps=steps)
 
@@ -344,12 +377,6 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str, log=print)
     record(freeze_model, "probe epoch: cached vs recompute", probe["recompute_epoch_s"] /
            probe["cached_epoch_s"], unit="× faster", cached_s=probe["cached_epoch_s"],
            recompute_s=probe["recompute_epoch_s"])
-    consumed = max(r["ours"] for r in records if r["what"] == "train step")
-    for dataset in ("fashion_mnist", f"synthetic:{size}x{size}x3:1000"):
-        pipe = measure("ours_pipeline", dataset=dataset, batch=batch, steps=steps * 5)
-        record(dataset, "input pipeline", pipe["img_s"],
-               model_consumes=consumed, headroom=pipe["img_s"] / consumed)
-    return records
 
 
 def environment() -> dict:
@@ -378,7 +405,9 @@ def markdown(records: list[dict], env: dict, args) -> str:
     lines = [f"# Benchmark: transferlab vs PyTorch eager ({env['date']})", "",
              f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
              f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
-             f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps, "
+             f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps"
+             + (f" in each of {args.rounds} rounds of fresh processes (img/s the rounds' "
+                "medians, ratio the median of their ratios)" if args.rounds > 1 else "") + ", "
              "the compared sides taking turns (2 steps each, after an untimed one; PyTorch set up "
              "first; each freeze depth with full fine-tuning, its `speedup` against that "
              "`full_img_s`); "
@@ -403,7 +432,11 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--freeze_model", default="resnet50")
+    parser.add_argument("--freeze_model", default="resnet50",
+                        help="the model of the freeze sweep and the probe; '' leaves them out")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes of each compared pair this many times: img/s are "
+                             "the rounds' medians, the ratio the median of their ratios")
     parser.add_argument("--quick", action="store_true", help="resnet18 only, 32² images, 2 steps")
     parser.add_argument("--out", default=".")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -414,13 +447,38 @@ def main():
         return
     if args.quick:
         args.models, args.size, args.steps, args.freeze_model = "resnet18", 32, 2, "resnet18"
-    records = run(args.models.split(","), args.batch, args.size, args.steps, args.freeze_model)
-    env = environment()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"environment": env, "records": records}, indent=1))
-    (out / "bench.md").write_text(markdown(records, env, args))
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    names = args.models.split(",")
+    check_arguments(names, args.freeze_model, args.rounds)
+    env, records = environment(), []
+    try:
+        run(names, args.batch, args.size, args.steps, args.freeze_model or None, args.rounds,
+            records)
+    finally:  # what was measured before a failure is kept
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"environment": env, "records": records},
+                                                   indent=1))
+        (out / "bench.md").write_text(markdown(records, env, args))
+        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def check_arguments(names: list[str], freeze_model: str, rounds: int) -> None:
+    """Fail before measuring anything: an unknown model, or one without a PyTorch peer."""
+    import models
+    for option, name in [*(("--models", n) for n in names), ("--freeze_model", freeze_model)]:
+        try:
+            if name:
+                models.model_info(name)
+        except ValueError as error:
+            if option == "--freeze_model":
+                error = f"{error} (--freeze_model '' leaves the freeze sweep out)"
+            raise SystemExit(f"{option}: {error}") from None
+    unpaired = [n for n in names if n not in PEERS]
+    if unpaired:
+        raise SystemExit(f"no PyTorch peer for {', '.join(unpaired)}: --models takes "
+                         f"{', '.join(PEERS)}")
+    if rounds < 1:
+        raise SystemExit(f"--rounds {rounds}: give at least 1")
 
 
 if __name__ == "__main__":
