@@ -7,6 +7,10 @@ Blocks: ``embed`` (patch conv, class token, position embedding), ``block00`` …
 (as Flax's ``MultiHeadDotProductAttention``'s: ``(width, heads, head_dim)``, as in Google's
 checkpoints), ``block03/mlp/fc1/kernel``, ``norm/scale``, ``head/kernel``.
 
+The head reads the class token alone, so the last block computes that token's output alone
+(its attention's keys and values from all tokens): the same logits and gradients, without the
+other tokens' queries, attention output, projection and MLP (ViT-S/16: 7% of a step's flops).
+
 The position embedding's length is fixed when the model is initialised, by the input's grid of
 patches; any input whose sides are multiples of the patch size works, but applying the model
 to another grid than it was initialised with is an error.
@@ -117,10 +121,14 @@ class SelfAttention(nn.Module):
     """Flax's ``MultiHeadDotProductAttention`` as a ViT applies it (self-attention, no mask),
     with its variables (``query``, ``key``, ``value``, ``out``: kernel and bias), but q, k and v
     from one product with their kernels side by side, which ``ops.self_attention`` reads in
-    place: one product each way instead of three, and no copies between them."""
+    place: one product each way instead of three, and no copies between them.
+
+    With ``class_token_only``, only the first token (the class token) queries: the output is
+    that token's alone, and q is computed for it alone."""
 
     num_heads: int
     dropout_rate: float = 0.0  # on the attention weights
+    class_token_only: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -129,35 +137,50 @@ class SelfAttention(nn.Module):
         heads = (self.num_heads, width // self.num_heads)
         kernels, biases = zip(*(Projection((width,), heads, name=name)()
                                 for name in ("query", "key", "value")))
-        qkv = dense(x, jnp.concatenate([k.reshape(width, -1) for k in kernels], axis=1),
-                    jnp.concatenate([b.reshape(-1) for b in biases]), self.dtype)
-        qkv = qkv.reshape(*x.shape[:-1], 3, *heads)
-        if train and self.dropout_rate > 0.0:
-            y = nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                         dropout_rng=self.make_rng("dropout"),
-                                         dropout_rate=self.dropout_rate,
-                                         broadcast_dropout=False, deterministic=False,
-                                         dtype=self.dtype)
+        first = 1 if self.class_token_only else 0  # then q is the class token's alone
+        projected = dense(
+            x, jnp.concatenate([k.reshape(width, -1) for k in kernels[first:]], axis=1),
+            jnp.concatenate([b.reshape(-1) for b in biases[first:]]), self.dtype)
+        qkv = projected.reshape(*x.shape[:-1], 3 - first, *heads)
+        if self.class_token_only:
+            query = dense(x[:, :1], kernels[0].reshape(width, -1), biases[0].reshape(-1),
+                          self.dtype).reshape(x.shape[0], 1, *heads)
+            y = self.attend(query, qkv[:, :, 0], qkv[:, :, 1], train)
+        elif train and self.dropout_rate > 0.0:
+            y = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], train)
         else:
             y = ops.self_attention(qkv)
         kernel, bias = Projection(heads, (width,), name="out")()
-        return dense(y.reshape(x.shape), kernel.reshape(-1, width), bias, self.dtype)
+        return dense(y.reshape(*y.shape[:2], width), kernel.reshape(-1, width), bias, self.dtype)
+
+    def attend(self, query, key, value, train: bool):
+        dropout = train and self.dropout_rate > 0.0
+        return nn.dot_product_attention(
+            query, key, value, dropout_rng=self.make_rng("dropout") if dropout else None,
+            dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=not dropout,
+            dtype=self.dtype)
 
 
 class EncoderBlock(nn.Module):
-    """x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))."""
+    """x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x)); with ``class_token_only``, for
+    the first token (the class token) alone, all tokens still its attention's keys and values:
+    the last block of a model whose head reads that token, which computes nothing else."""
 
     num_heads: int
     mlp_dim: int
     attention_dropout: float = 0.0
     encoder_dropout: float = 0.0
+    class_token_only: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = functools.partial(layers.LayerNorm, epsilon=LN_EPS, dtype=self.dtype)
         y = norm(name="ln1")(x)
-        y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, name="attn")(y, train)
+        y = SelfAttention(self.num_heads, self.attention_dropout, self.class_token_only,
+                          self.dtype, name="attn")(y, train)
+        if self.class_token_only:
+            x = x[:, :1]
         x = x + nn.Dropout(self.encoder_dropout, deterministic=not train)(y)
         y = norm(name="ln2")(x)
         return x + Mlp(self.mlp_dim, self.encoder_dropout, self.dtype, name="mlp")(y, train)
@@ -186,7 +209,8 @@ class VisionTransformer(nn.Module):
         x = nn.Dropout(self.encoder_dropout, deterministic=not train)(x)
         for i in range(self.depth):
             block = EncoderBlock(self.num_heads, self.mlp_ratio * self.width,
-                                 self.attention_dropout, self.encoder_dropout, self.dtype,
+                                 self.attention_dropout, self.encoder_dropout,
+                                 class_token_only=i == self.depth - 1, dtype=self.dtype,
                                  name=f"block{i:02d}")
             x = block(x, train)
         x = layers.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)[:, 0]

@@ -1,8 +1,10 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import models
+from models import vit
 from research import tree
 from research.convert import common, convert_file
 from research.convert import torchvision as tv
@@ -103,6 +105,28 @@ def test_vit_attention_dropout_applies_in_training_only(vit_ti):
 def test_vit_train_mode(vit_ti):
     model, variables, x = vit_ti
     check_train_mode(model, variables, x)
+
+
+def test_vit_class_token_only_block_is_the_full_blocks_first_token():
+    full = vit.EncoderBlock(num_heads=3, mlp_dim=96)
+    x = np.random.default_rng(0).standard_normal((2, 7, 24)).astype(np.float32)
+    variables = full.init(jax.random.key(0), x)
+    first = full.clone(class_token_only=True)
+    weights = np.random.default_rng(1).standard_normal((2, 1, 24)).astype(np.float32)
+
+    def loss_and_grads(block, first_token):
+        loss = lambda v, x: jnp.sum(first_token(block.apply(v, x, train=True)) * weights)
+        return jax.value_and_grad(loss, argnums=(0, 1))(variables, x)
+
+    assert first.apply(variables, x).shape == (2, 1, 24)
+    (expected, expected_grads) = loss_and_grads(full, lambda y: y[:, :1])
+    (loss, grads) = loss_and_grads(first, lambda y: y)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    for path, grad in tree.flatten(grads[0]).items():
+        np.testing.assert_allclose(grad, tree.flatten(expected_grads[0])[path], atol=1e-5,
+                                   err_msg=path)
+    np.testing.assert_allclose(grads[1], expected_grads[1], atol=1e-5)
+    assert np.abs(grads[1][:, 1:]).max() > 1e-3  # the other tokens are keys and values
 
 
 def convert(path, arch: str, image_size: int):
