@@ -11,8 +11,9 @@ of the batch (``custom_partitioning``), and the kernel gradient is summed over t
 
 ``dense`` runs a Dense layer over tokens as one matrix product per pass, its gradients
 reading the operands transposed in place: on MKL's sgemm where the ``mkl`` wheel is installed
-(``csrc/sgemm.cc``, the kernels PyTorch's Linear layers run; 5-30% faster than oneDNN 2.6's
-matmul on ViT-S/16's shapes, as fast as PyTorch), else on oneDNN's matmul.
+and the CPU is Intel's (``uses_mkl``; ``csrc/sgemm.cc``, the kernels PyTorch's Linear layers
+run; 5-30% faster than oneDNN 2.6's matmul on ViT-S/16's shapes on a Xeon), else on oneDNN's
+matmul (1.1–1.25× MKL's speed on an AMD EPYC).
 ``self_attention`` runs multi-head self-attention per image and head with the logits in cache,
 from their product through the softmax to the product with the values (``csrc/attention.cc``),
 reading q, k and v packed as one Dense layer writes them, and keeps no (tokens × tokens) array
@@ -203,20 +204,48 @@ def _library():
 
 
 def has_mkl(library=None) -> bool:
-    """Whether the library was built with MKL's sgemm (``dense`` runs on it then)."""
+    """Whether the library was built with MKL's sgemm (``dense`` runs on it where
+    ``uses_mkl``)."""
     library = library or _library()
     return library is not None and hasattr(library, "MklSgemm")
 
 
+def uses_mkl() -> bool:
+    """Whether Dense layers' products and the wide 1×1 convolutions (``sgemm_suits``) go to
+    MKL's sgemm (``has_mkl``) rather than oneDNN's matmul: on Intel's CPUs, for which MKL's
+    kernels are written (on a Xeon it ran ViT-S/16's products 5-30% faster than oneDNN 2.6's
+    matmul), not on others (on an AMD EPYC of the Zen 4 family, oneDNN's ran them 1.1–1.25×
+    faster than MKL's, which PyTorch's Linear layers run). ``TRANSFERLAB_MKL=1`` or ``0``
+    decides instead; read while tracing."""
+    choice = os.environ.get("TRANSFERLAB_MKL", "")
+    if choice not in ("", "0", "1"):
+        raise ValueError(f"TRANSFERLAB_MKL={choice!r}: set it to 1 (MKL's sgemm), 0 (oneDNN's "
+                         "matmul) or leave it unset (MKL on Intel's CPUs only).")
+    wanted = choice == "1" if choice else cpu_info().get("vendor_id") == "GenuineIntel"
+    return wanted and has_mkl()
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (``vendor_id``, ``model name``,
+    ``cpu family``, ``model``, …); empty where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = (line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in fields}
+
+
 def sgemm_suits(kernel_shape, strides, pads, groups: int) -> bool:
-    """Whether a convolution runs as a Dense layer on MKL's sgemm (``dense``) instead: 1×1,
-    stride 1, unpadded, ungrouped, at least 128 channels in and out. There oneDNN 2.6's 1×1
-    kernels take 1.1–1.4× MKL's time over the three passes (ResNet-50's stages 2–4, the widest
-    pointwise layers of MobileNetV2 and EfficientNet); with fewer channels they are as fast or
-    faster."""
+    """Whether a convolution runs as a Dense layer on MKL's sgemm (``dense``) instead, where
+    ``uses_mkl``: 1×1, stride 1, unpadded, ungrouped, at least 128 channels in and out. There
+    oneDNN 2.6's 1×1 kernels took 1.1–1.4× MKL's time over the three passes on a Xeon
+    (ResNet-50's stages 2–4, the widest pointwise layers of MobileNetV2 and EfficientNet); with
+    fewer channels they were as fast or faster."""
     return (tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and groups == 1
             and not any(any(pad) for pad in pads) and min(kernel_shape[2:]) >= 128
-            and has_mkl())
+            and uses_mkl())
 
 
 def winograd_suits(kernel_shape, strides, groups: int) -> bool:
@@ -341,9 +370,9 @@ _ROWS, _COLUMNS = (0, 1, 2, 3), (0, 1, 3, 2)  # a matrix's view: itself, or its 
 
 def _matrix_product(a, b, out_shape, transposed: str):
     """``a`` and ``b`` taken as matrices (all axes but the last merged into rows) multiplied
-    in one call, MKL's sgemm where built with it, else oneDNN's matmul: a·b, aᵀ·b
+    in one call, MKL's sgemm where ``uses_mkl``, else oneDNN's matmul: a·b, aᵀ·b
     (``transposed`` "a") or a·bᵀ ("b")."""
-    if has_mkl():
+    if uses_mkl():
         return jax.ffi.ffi_call("transferlab_mkl_sgemm",
                                 jax.ShapeDtypeStruct(out_shape, jnp.float32),
                                 vmap_method="sequential")(

@@ -126,7 +126,7 @@ def test_wide_stride_1_pointwise_convolutions_run_as_dense_products_with_xlas_va
     pointwise = conv_of(ops.conv_general_dilated, (1, 1), "VALID")
     grads = jax.grad(lambda x, w: (pointwise(x, w) ** 2).sum(), (0, 1))
     text = compiled_text(grads, x, w)
-    if onednn.has_mkl():
+    if onednn.uses_mkl():
         assert text.count("transferlab_mkl_sgemm") == 3 and "onednn_forward" not in text
     else:
         assert "transferlab_onednn_forward" in text
@@ -241,12 +241,29 @@ def test_each_device_attends_within_its_shard_of_the_batch():
 
 
 def product_target() -> str:
-    return "transferlab_mkl_sgemm" if onednn.has_mkl() else "transferlab_onednn_matmul"
+    return "transferlab_mkl_sgemm" if onednn.uses_mkl() else "transferlab_onednn_matmul"
 
 
 @needs_onednn
-def test_dense_products_run_on_mkl_wherever_its_wheel_is_installed():
+def test_mkl_is_built_wherever_its_wheel_is_installed():
     assert onednn.has_mkl() == (onednn.mkl_runtime() is not None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("choice", ["", "0", "1"])
+def test_dense_products_run_on_mkl_on_intels_cpus_or_as_told(choice, monkeypatch):
+    monkeypatch.setenv("TRANSFERLAB_MKL", choice)
+    intel = onednn.cpu_info().get("vendor_id") == "GenuineIntel"
+    assert onednn.uses_mkl() == (onednn.has_mkl() and (choice == "1" or (choice == "" and intel)))
+    x, w = jnp.ones((2, 7, 3)), jnp.ones((3, 5))
+    text = compiled_text(jax.grad(lambda x, w: (onednn.dense(x, w) ** 2).sum(), (0, 1)), x, w)
+    assert text.count(product_target()) == 3
+
+
+def test_a_wrong_mkl_choice_names_the_values(monkeypatch):
+    monkeypatch.setenv("TRANSFERLAB_MKL", "yes")
+    with pytest.raises(ValueError, match="TRANSFERLAB_MKL='yes': set it to 1"):
+        onednn.uses_mkl()
 
 
 @needs_onednn
