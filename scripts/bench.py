@@ -379,10 +379,21 @@ def freeze_sweep(freeze_model: str, batch: int, size: int, steps: int, record) -
            recompute_s=probe["recompute_epoch_s"])
 
 
+def processor() -> str:
+    """The CPU's model name and generation (``/proc/cpuinfo``), else what ``platform`` says."""
+    from models import onednn
+    info = onednn.cpu_info()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    return f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')})"
+
+
 def environment() -> dict:
     import jax
+    from models import onednn
     env = dict(date=datetime.date.today().isoformat(), machine=platform.machine(),
-               processor=platform.processor() or platform.machine(), cores=os.cpu_count(),
+               processor=processor(), cores=os.cpu_count(),
+               dense_products="MKL's sgemm" if onednn.uses_mkl() else "oneDNN's matmul",
                python=platform.python_version(), jax=jax.__version__,
                xla_flags=os.environ.get("XLA_FLAGS", ""),
                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), torch_threads=TORCH_THREADS)
@@ -403,7 +414,8 @@ def number(value) -> str:
 
 def markdown(records: list[dict], env: dict, args) -> str:
     lines = [f"# Benchmark: transferlab vs PyTorch eager ({env['date']})", "",
-             f"Machine: {env['processor']}, {env['cores']} cores; Python {env['python']}, "
+             f"Machine: {env['processor']}, {env['cores']} cores; Dense layers' products on "
+             f"{env['dense_products']}; Python {env['python']}, "
              f"JAX {env['jax']}, PyTorch {env['torch']} ({env['torch_threads']} threads, "
              f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps"
              + (f" in each of {args.rounds} rounds of fresh processes (img/s the rounds' "
