@@ -13,7 +13,7 @@ of the batch (``custom_partitioning``), and the kernel gradient is summed over t
 reading the operands transposed in place: on MKL's sgemm where the ``mkl`` wheel is installed
 and the CPU is Intel's (``uses_mkl``; ``csrc/sgemm.cc``, the kernels PyTorch's Linear layers
 run; 5-30% faster than oneDNN 2.6's matmul on ViT-S/16's shapes on a Xeon), else on oneDNN's
-matmul (1.1–1.25× MKL's speed on an AMD EPYC).
+matmul (1.11–1.26× MKL's speed on an AMD EPYC).
 ``self_attention`` runs multi-head self-attention per image and head with the logits in cache,
 from their product through the softmax to the product with the values (``csrc/attention.cc``),
 reading q, k and v packed as one Dense layer writes them, and keeps no (tokens × tokens) array
@@ -214,7 +214,7 @@ def uses_mkl() -> bool:
     """Whether Dense layers' products and the wide 1×1 convolutions (``sgemm_suits``) go to
     MKL's sgemm (``has_mkl``) rather than oneDNN's matmul: on Intel's CPUs, for which MKL's
     kernels are written (on a Xeon it ran ViT-S/16's products 5-30% faster than oneDNN 2.6's
-    matmul), not on others (on an AMD EPYC of the Zen 4 family, oneDNN's ran them 1.1–1.25×
+    matmul), not on others (on an AMD EPYC of the Zen 4 family, oneDNN's ran them 1.11–1.26×
     faster than MKL's, which PyTorch's Linear layers run). ``TRANSFERLAB_MKL=1`` or ``0``
     decides instead; read while tracing."""
     choice = os.environ.get("TRANSFERLAB_MKL", "")
