@@ -119,7 +119,10 @@ def test_winograd_is_asked_for_3x3_stride_1_only_and_can_be_turned_off(winograd,
 
 
 @needs_onednn
-def test_wide_stride_1_pointwise_convolutions_run_as_dense_products_with_xlas_values():
+@pytest.mark.parametrize("mkl", ["0", "1"])
+def test_wide_stride_1_pointwise_convolutions_run_as_mkl_products_with_xlas_values(
+        mkl, monkeypatch):
+    monkeypatch.setenv("TRANSFERLAB_MKL", mkl)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 6, 128)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((1, 1, 128, 160)) / np.sqrt(128), jnp.float32)
