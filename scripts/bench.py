@@ -6,10 +6,12 @@
 
 Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
 settings are its own, and the measurements run one at a time. Where two sides are compared
-(PyTorch, PyTorch without glibc's tunables, ours) their processes take turns, a few steps
-each after one untimed step, until each has its steps: the machine's drift over minutes
-(±15% seen here) moves both sides alike instead of the ratio. They set up in that order,
-ours last: of two identical processes, the first set up measured 1.5–5% faster here. The
+(PyTorch, ours) their processes take turns, a few steps each after one untimed step, until
+each has its steps: the machine's drift over minutes (±15% seen here) moves both sides alike
+instead of the ratio. They set up in that order, ours last: of two identical processes, the
+first set up measured 1.5–5% faster here. PyTorch without glibc's tunables runs after them,
+alone: taking turns beside it (200,000 page faults a step) slowed our MobileNetV2 step by a
+third and PyTorch's not at all, on an AMD EPYC. The
 freeze sweep likewise runs each depth (and its cached prefix) in turns with full fine-tuning,
 set up first, and divides by that full step for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
@@ -291,12 +293,14 @@ def _until_turn_or_end(process):
 
 
 def compared_rounds(kind: str, shape: dict, rounds: int) -> list[tuple[dict, dict, dict]]:
-    """``rounds`` times, fresh processes of PyTorch, PyTorch with glibc's defaults and ours
-    taking turns: their results, a (peer, as_shipped, ours) triple per round."""
-    return [tuple(measure_interleaved([(f"peer_{kind}", False, shape),
-                                       (f"peer_{kind}", True, shape),
-                                       (f"ours_{kind}", False, shape)]))
-            for _ in range(rounds)]
+    """``rounds`` times, fresh processes of PyTorch and ours taking turns, then PyTorch with
+    glibc's defaults alone: their results, a (peer, as_shipped, ours) triple per round."""
+    results = []
+    for _ in range(rounds):
+        peer, ours = measure_interleaved([(f"peer_{kind}", False, shape),
+                                          (f"ours_{kind}", False, shape)])
+        results.append((peer, measure(f"peer_{kind}", glibc_defaults=True, **shape), ours))
+    return results
 
 
 def median_of(results: list[dict], key: str) -> float:
@@ -424,7 +428,7 @@ def markdown(records: list[dict], env: dict, args) -> str:
              "first; each freeze depth with full fine-tuning, its `speedup` against that "
              "`full_img_s`); "
              f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}` for both "
-             "(`peer_glibc_defaults`: PyTorch without it).", "",
+             "(`peer_glibc_defaults`: PyTorch without it, run alone after each pair).", "",
              "| model | measurement | ours | PyTorch | ratio | notes |",
              "|---|---|---|---|---|---|"]
     for r in records:
