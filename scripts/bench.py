@@ -11,9 +11,9 @@ each has its steps: the machine's drift over minutes (±15% seen here) moves bot
 instead of the ratio. They set up in that order, ours last: of two identical processes, the
 first set up measured 1.5–5% faster here. PyTorch without glibc's tunables runs after them,
 alone: taking turns beside it (200,000 page faults a step) slowed our MobileNetV2 step by a
-third and PyTorch's not at all, on an AMD EPYC. The
-freeze sweep likewise runs each depth (and its cached prefix) in turns with full fine-tuning,
-set up first, and divides by that full step for its ``speedup``.
+third and PyTorch's not at all, on an AMD EPYC. The freeze sweep likewise runs each depth (and
+its cached prefix) in turns with full fine-tuning, set up first, and divides by that full step
+for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
 ``ratio``, …) and ``bench.md``.
 """

@@ -120,7 +120,7 @@ def test_winograd_is_asked_for_3x3_stride_1_only_and_can_be_turned_off(winograd,
 
 @needs_onednn
 @pytest.mark.parametrize("mkl", ["0", "1"])
-def test_wide_stride_1_pointwise_convolutions_run_as_mkl_products_with_xlas_values(
+def test_wide_stride_1_pointwise_convolutions_take_the_chosen_library_with_xlas_values(
         mkl, monkeypatch):
     monkeypatch.setenv("TRANSFERLAB_MKL", mkl)
     rng = np.random.default_rng(0)
