@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, ops
 from models.registry import register
 
 # TensorFlow's BatchNorm defaults, which torchvision keeps for MobileNetV3 and EfficientNet-B5–B7.
@@ -88,7 +88,7 @@ class InvertedResidual(nn.Module):
                                      name="se")(y)
         y = conv_bn(spec.features, 1, act=None, name="project")(y, train)
         if spec.has_shortcut:
-            return x + layers.StochasticDepth(spec.drop_path)(y, train)
+            return ops.materialize(x + layers.StochasticDepth(spec.drop_path)(y, train))
         return y
 
 

@@ -35,6 +35,7 @@ project's own too (``csrc/batch_norm.cc``): each pair in one pass over the activ
 So are a layer norm's forward and backward passes (``layer_norm``, ``layer_norm_backward``,
 ``csrc/layer_norm.cc``), one pass over memory each, and max pooling's gradient
 (``max_pool_backward``, ``csrc/max_pool.cc``), 5× faster than XLA's formulation of it.
+``materialize`` computes nothing: it makes XLA write a value once for all its consumers.
 
 3×3 stride-1 ungrouped convolutions (most of a ResNet's flops) run oneDNN's Winograd kernels
 in all three passes: 1.4–2.1× faster than direct convolution on this project's CPU, values
@@ -70,7 +71,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("onednn.cc", "attention.cc", "depthwise_conv.cc",
-                                         "batch_norm.cc", "layer_norm.cc", "max_pool.cc"))
+                                         "batch_norm.cc", "layer_norm.cc", "max_pool.cc",
+                                         "materialize.cc"))
 MKL_SOURCE = CSRC / "sgemm.cc"  # built where the mkl wheel is installed (``mkl_runtime``)
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardData",
@@ -79,7 +81,8 @@ TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardD
            "matmul": "OnednnMatmul", "batch_norm_sums": "BatchNormSums",
            "batch_norm_grad_sums": "BatchNormGradSums", "max_pool_backward": "MaxPoolBackward",
            "attention_forward": "AttentionForward", "attention_backward": "AttentionBackward",
-           "layer_norm_forward": "LayerNormForward", "layer_norm_backward": "LayerNormBackward"}
+           "layer_norm_forward": "LayerNormForward", "layer_norm_backward": "LayerNormBackward",
+           "materialize": "Materialize"}
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -564,3 +567,26 @@ def layer_norm_backward(x, scale, dy, epsilon: float):
     sums), sums (batch, 2, c) holding each image's Σ dy·x̂ and Σ dy (the scale's and bias's
     gradients, summed over the images), x̂ the normalized x."""
     return _per_image_layer_norm(float(epsilon))[1](x, scale, dy)
+
+
+
+def _materialize_call(x):
+    return jax.ffi.ffi_call("transferlab_onednn_materialize",
+                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential",
+                            input_output_aliases={0: 0})(x)
+
+
+@functools.cache
+def _per_image_materialize(rank: int):
+    axes = " ".join(f"a{i}" for i in range(1, rank))
+    return _per_image(_materialize_call, f"b {axes} -> b {axes}")
+
+
+@jax.custom_vjp
+def materialize(x):
+    """``x`` (at least 1-D), through a call that computes nothing (``csrc/materialize.cc``): XLA
+    writes it to memory once, and every consumer reads it there. So is its gradient."""
+    return _per_image_materialize(x.ndim)(x)
+
+
+materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (materialize(g),))

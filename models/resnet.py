@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, ops
 from models.registry import register
 
 
@@ -53,7 +53,7 @@ class BasicBlock(Block):
         y = self.bn(train, act=nn.relu, name="bn1")(y)
         y = self.conv(self.features, 3, name="conv2")(y)
         y = self.bn(train, name="bn2")(y)
-        return nn.relu(y + self.shortcut(x, self.features, train))
+        return ops.materialize(nn.relu(y + self.shortcut(x, self.features, train)))
 
 
 class Bottleneck(Block):
@@ -66,7 +66,7 @@ class Bottleneck(Block):
         y = self.bn(train, act=nn.relu, name="bn2")(y)
         y = self.conv(self.features * 4, 1, name="conv3")(y)
         y = self.bn(train, name="bn3")(y)
-        return nn.relu(y + self.shortcut(x, self.features * 4, train))
+        return ops.materialize(nn.relu(y + self.shortcut(x, self.features * 4, train)))
 
 
 class ResNet(nn.Module):

@@ -89,14 +89,14 @@ class ResidualBlock(nn.Module):
             y = SeparableConv(features, self.dtype, name=f"sepconv{i}")(y)
             y = bn(self, train, f"sepconv{i}_bn")(y)
         if not self.downsample:
-            return x + y
+            return ops.materialize(x + y)
         if self.padding == "same":
             y = ops.max_pool(y, (3, 3), (2, 2), "SAME")
         else:
             y = layers.max_pool(y, 3, 2, padding=1)
         shortcut = layers.Conv(self.widths[-1], 1, 2, padding="same", dtype=self.dtype,
                                name="residual")(x)
-        return y + bn(self, train, "residual_bn")(shortcut)
+        return ops.materialize(y + bn(self, train, "residual_bn")(shortcut))
 
 
 class ExitConvs(nn.Module):

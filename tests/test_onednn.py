@@ -385,3 +385,32 @@ def test_each_device_pools_the_gradient_of_its_shard_of_the_batch():
     with onednn.disabled():
         expected = jax.jit(lambda x: grad(x))(x)
     np.testing.assert_allclose(jax.jit(grad)(sharded), expected, atol=1e-6)
+
+
+def relus_computed(fn, *args) -> int:
+    """How many ReLUs the compiled ``fn`` evaluates: its optimized HLO's maxima from ``relu``."""
+    return sum("maximum(" in line and "jit(relu)" in line
+               for line in compiled_text(fn, *args).splitlines())
+
+
+@needs_onednn
+def test_residual_sums_are_computed_once_not_again_in_each_consumer(monkeypatch):
+    net = models.create("resnet18", num_classes=10)
+    variables = models.init_variables(net, jax.random.key(0), 32)
+    x = jnp.ones((2, 32, 32, 3))
+    forward = lambda v, x: net.apply(v, x, train=False)
+    relus = 1 + 2 * sum(net.stage_sizes)  # the stem's, and two in each basic block
+    assert relus_computed(forward, variables, x) == relus
+    monkeypatch.setattr(ops, "materialize", lambda x: x)  # XLA left to fuse as it likes
+    assert relus_computed(lambda v, x: net.apply(v, x, train=False), variables, x) > relus
+
+
+@needs_onednn
+def test_materialize_is_the_identity_with_its_gradient_under_a_sharded_mesh():
+    x = split_over_devices(jax.random.normal(jax.random.key(0), (8, 5, 3)))
+    f = lambda x: (ops.materialize(jnp.sin(x)) * x).sum()
+    g = lambda x: (jnp.sin(x) * x).sum()
+    np.testing.assert_array_equal(jax.jit(ops.materialize)(x), x)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(g))(x), rtol=1e-6)
+    assert "transferlab_onednn_materialize" in compiled_text(jax.grad(f), x)
+    assert jax.jit(ops.materialize)(x).sharding.spec == P("data")
