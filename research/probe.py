@@ -7,6 +7,8 @@ wasted work; ``extract_features`` computes the pre-logit features of a split onc
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,14 +46,25 @@ def _head_step(params, opt_state, x, y, lr):
     return optax.apply_updates(params, updates), opt_state
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _head_start(key, example, lr, *, num_classes: int, steps: int):
+    """A new head, its optimizer state and every step's learning rate, in one compiled call:
+    built eagerly, op by op, they took most of a short probe's time (a 2048 → 1000 head, ten
+    steps at batch 16: 0.06 s an epoch, 0.02 s of it in the steps)."""
+    params = nn.Dense(num_classes).init(key, example)["params"]
+    rates = optax.cosine_decay_schedule(lr, steps)(jnp.arange(steps))
+    return params, _SGD.init(params), rates
+
+
 def train_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int,
                batch_size: int, lr: float, seed: int = 0):
     """Head parameters (``kernel``, ``bias``) fitted by SGD with momentum 0.9 and a cosine
     learning-rate decay on cached features."""
-    params = nn.Dense(num_classes).init(jax.random.key(seed), features[:1])["params"]
-    opt_state = _SGD.init(params)
     steps_per_epoch = len(features) // batch_size
-    schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
+    params, opt_state, rates = _head_start(jax.random.key(seed), features[:1], lr,
+                                           num_classes=num_classes,
+                                           steps=epochs * steps_per_epoch)
+    rates = np.asarray(rates)
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
         order = rng.permutation(len(features))
@@ -59,7 +72,7 @@ def train_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, ep
             rows = order[k * batch_size:(k + 1) * batch_size]
             params, opt_state = _head_step(params, opt_state, jnp.asarray(features[rows]),
                                            jnp.asarray(labels[rows]),
-                                           jnp.float32(schedule(epoch * steps_per_epoch + k)))
+                                           rates[epoch * steps_per_epoch + k])
     return params
 
 

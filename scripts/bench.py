@@ -160,8 +160,8 @@ def ours_inference(model: str, batch: int, size: int, steps: int) -> dict:
 
 
 def ours_probe(model: str, batch: int, size: int, steps: int) -> dict:
-    """One linear-probe epoch of ``batch * steps`` examples on cached features (compiled
-    beforehand), against one that recomputes the frozen backbone every step."""
+    """A linear-probe epoch of ``batch * steps`` examples on cached features (the median of
+    ``steps`` epochs), against one that recomputes the frozen backbone every step."""
     import numpy as np
     from research import probe
     probe_depth = len(experiment_blocks(model)) - 1
@@ -172,10 +172,7 @@ def ours_probe(model: str, batch: int, size: int, steps: int) -> dict:
     features = np.random.default_rng(0).standard_normal((n, width)).astype(np.float32)
     labels = np.arange(n) % 1000
     epoch = lambda: probe.train_head(features, labels, 1000, epochs=1, batch_size=batch, lr=0.1)
-    epoch()  # compiles the head's step
-    start = time.perf_counter()
-    epoch()
-    cached_s = time.perf_counter() - start
+    cached_s = timed(epoch, steps)  # the median epoch, after two that compile and warm up
     recompute = ours_train(model, batch, size, steps, probe_depth)
     return dict(cached_epoch_s=cached_s, recompute_epoch_s=n / recompute["img_s"],
                 peak_mb=peak_mb())
