@@ -569,7 +569,6 @@ def layer_norm_backward(x, scale, dy, epsilon: float):
     return _per_image_layer_norm(float(epsilon))[1](x, scale, dy)
 
 
-
 def _materialize_call(x):
     return jax.ffi.ffi_call("transferlab_onednn_materialize",
                             jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential",
