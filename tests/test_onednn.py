@@ -402,6 +402,7 @@ def test_residual_sums_are_computed_once_not_again_in_each_consumer(monkeypatch)
     relus = 1 + 2 * sum(net.stage_sizes)  # the stem's, and two in each basic block
     assert relus_computed(forward, variables, x) == relus
     monkeypatch.setattr(ops, "materialize", lambda x: x)  # XLA left to fuse as it likes
+    # a new function: jit would reuse the trace of ``forward``
     assert relus_computed(lambda v, x: net.apply(v, x, train=False), variables, x) > relus
 
 
