@@ -79,7 +79,8 @@ TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardD
            "backward_weights": "OnednnConvBackwardWeights",
            "depthwise_backward_weights": "DepthwiseBackwardWeights",
            "matmul": "OnednnMatmul", "batch_norm_sums": "BatchNormSums",
-           "batch_norm_grad_sums": "BatchNormGradSums", "max_pool_backward": "MaxPoolBackward",
+           "batch_norm_grad_sums": "BatchNormGradSums", "max_pool_forward": "MaxPoolForward",
+           "max_pool_backward": "MaxPoolBackward",
            "attention_forward": "AttentionForward", "attention_backward": "AttentionBackward",
            "layer_norm_forward": "LayerNormForward", "layer_norm_backward": "LayerNormBackward",
            "materialize": "Materialize"}
@@ -474,18 +475,41 @@ def batch_norm_grad_sums(x, dy, a, b, mean, activation: str | None = None):
     return _per_image_grad_sums(activation)(x, dy, jnp.stack([a, b, mean]))
 
 
+def _pool_attributes(window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> dict:
+    (top, _), (left, _) = pads
+    return dict(window_h=np.int64(window[0]), window_w=np.int64(window[1]),
+                stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                pad_top=np.int64(top), pad_left=np.int64(left))
+
+
+@functools.cache
+def _per_image_max_pool(window: tuple[int, int], strides: tuple[int, int], pads: Pads):
+    def local(x):
+        (top, bottom), (left, right) = pads
+        out_hw = [(size + low + high - k) // s + 1 for size, (low, high), k, s in
+                  zip(x.shape[1:3], ((top, bottom), (left, right)), window, strides)]
+        return jax.ffi.ffi_call("transferlab_onednn_max_pool_forward",
+                                jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]),
+                                                     jnp.float32),
+                                vmap_method="sequential")(
+            x, **_pool_attributes(window, strides, pads))
+    return _per_image(local, "b h w c -> b i j c")
+
+
+def max_pool(x, window: tuple[int, int], strides: tuple[int, int], pads: Pads):
+    """Max pooling of float32 NHWC ``x`` over ``window`` at ``strides``, padded ((top, bottom),
+    (left, right)) with -inf: ``lax.reduce_window``'s values (NaN wins), in one pass."""
+    return _per_image_max_pool(tuple(window), tuple(strides), tuple(pads))(x)
+
+
 @functools.cache
 def _per_image_max_pool_backward(window: tuple[int, int], strides: tuple[int, int],
                                  pads: Pads):
-    (top, _), (left, _) = pads
-
     def local(x, y, dy):
         return jax.ffi.ffi_call("transferlab_onednn_max_pool_backward",
                                 jax.ShapeDtypeStruct(x.shape, jnp.float32),
                                 vmap_method="sequential")(
-            x, y, dy, window_h=np.int64(window[0]), window_w=np.int64(window[1]),
-            stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-            pad_top=np.int64(top), pad_left=np.int64(left))
+            x, y, dy, **_pool_attributes(window, strides, pads))
     return _per_image(local, "b h w c, b i j c, b i j c -> b h w c")
 
 

@@ -145,6 +145,16 @@ def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, paddi
                                pullback(g)[0], atol=1e-6)  # overlapping windows add in turn
 
 
+def test_max_pool_passes_nans_and_pools_windows_half_in_the_padding_as_xla(kernels):
+    x = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 5, 3) - 70.0
+    x = x.at[0, 2, 2, 1].set(jnp.nan)
+    ours = jax.jit(lambda x: ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))))(x)
+    theirs = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+    assert np.isnan(ours).sum() == 1
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kernels):
     """As PyTorch's MaxPool2d: after a ReLU, windows of zeros pass their gradient to the top
     left zero only."""
