@@ -53,7 +53,7 @@ class BasicBlock(Block):
         y = self.bn(train, act=nn.relu, name="bn1")(y)
         y = self.conv(self.features, 3, name="conv2")(y)
         y = self.bn(train, name="bn2")(y)
-        return ops.materialize(nn.relu(y + self.shortcut(x, self.features, train)))
+        return ops.residual_relu(y + self.shortcut(x, self.features, train))
 
 
 class Bottleneck(Block):
@@ -66,7 +66,7 @@ class Bottleneck(Block):
         y = self.bn(train, act=nn.relu, name="bn2")(y)
         y = self.conv(self.features * 4, 1, name="conv3")(y)
         y = self.bn(train, name="bn3")(y)
-        return ops.materialize(nn.relu(y + self.shortcut(x, self.features * 4, train)))
+        return ops.residual_relu(y + self.shortcut(x, self.features * 4, train))
 
 
 class ResNet(nn.Module):

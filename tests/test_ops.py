@@ -145,6 +145,15 @@ def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, paddi
                                pullback(g)[0], atol=1e-6)  # overlapping windows add in turn
 
 
+def test_residual_relu_and_its_gradient_are_relus_zeros_included(kernels):
+    x = jnp.asarray([[-2.0, -0.0, 0.0, 1e-30, 3.0], [5.0, -1.0, 0.0, 2.0, -7.0]])
+    g = jnp.arange(10, dtype=jnp.float32).reshape(2, 5) + 1.0
+    for fn in (ops.residual_relu, jax.nn.relu):
+        np.testing.assert_array_equal(jax.jit(fn)(x), jax.nn.relu(x))
+    ours = jax.jit(lambda x, g: jax.vjp(ops.residual_relu, x)[1](g)[0])(x, g)
+    np.testing.assert_array_equal(ours, jax.vjp(jax.nn.relu, x)[1](g)[0])
+
+
 def test_max_pool_passes_nans_and_pools_windows_half_in_the_padding_as_xla(kernels):
     x = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 5, 3) - 70.0
     x = x.at[0, 2, 2, 1].set(jnp.nan)
