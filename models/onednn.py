@@ -33,8 +33,9 @@ project's own too (``csrc/batch_norm.cc``): each pair in one pass over the activ
 (a mesh shards the batch), where XLA takes a pass per sum and materializes the gradient first.
 
 So are a layer norm's forward and backward passes (``layer_norm``, ``layer_norm_backward``,
-``csrc/layer_norm.cc``), one pass over memory each, and max pooling's gradient
-(``max_pool_backward``, ``csrc/max_pool.cc``), 5× faster than XLA's formulation of it.
+``csrc/layer_norm.cc``), one pass over memory each, and max pooling (``max_pool``, 4.7× faster
+than XLA's reduce-window on ResNet's stem) and its gradient (``max_pool_backward``,
+``csrc/max_pool.cc``), 5× faster than XLA's formulation of it.
 ``materialize`` computes nothing: it makes XLA write a value once for all its consumers.
 
 3×3 stride-1 ungrouped convolutions (most of a ResNet's flops) run oneDNN's Winograd kernels
