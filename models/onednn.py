@@ -271,10 +271,11 @@ def _call(name: str, a, b, out_shape, geometry: tuple[tuple[int, int], Pads, int
         winograd=np.int64(winograd_suits(kernel_shape, strides, groups)))
 
 
-def _output_shape(x_shape, w_shape, strides, pads: Pads):
+def _output_shape(x_shape, window, strides, pads: Pads, channels: int):
+    """The NHWC shape of a convolution's or a pooling's output over ``window``."""
     hw = [(size + lo + hi - k) // s + 1
-          for size, (lo, hi), k, s in zip(x_shape[1:3], pads, w_shape[:2], strides)]
-    return (x_shape[0], *hw, w_shape[3])
+          for size, (lo, hi), k, s in zip(x_shape[1:3], pads, window, strides)]
+    return (x_shape[0], *hw, channels)
 
 
 def _batch_axis(shape_with_sharding):
@@ -332,7 +333,7 @@ def conv(x, w, strides: tuple[int, int], pads: Pads, groups: int = 1):
     """Convolution of float32 NHWC ``x`` with an HWIO kernel ``w`` (no dilation), ``pads``
     explicit ((top, bottom), (left, right)), ``groups`` its ``feature_group_count``:
     ``lax.conv_general_dilated``'s values."""
-    return _forward(x, w, _output_shape(x.shape, w.shape, strides, pads), (strides, pads, groups))
+    return _forward(x, w, _output_shape(x.shape, w.shape[:2], strides, pads, w.shape[3]), (strides, pads, groups))
 
 
 def _conv_forward(x, w, strides, pads, groups):
@@ -486,12 +487,9 @@ def _pool_attributes(window: tuple[int, int], strides: tuple[int, int], pads: Pa
 @functools.cache
 def _per_image_max_pool(window: tuple[int, int], strides: tuple[int, int], pads: Pads):
     def local(x):
-        (top, bottom), (left, right) = pads
-        out_hw = [(size + low + high - k) // s + 1 for size, (low, high), k, s in
-                  zip(x.shape[1:3], ((top, bottom), (left, right)), window, strides)]
-        return jax.ffi.ffi_call("transferlab_onednn_max_pool_forward",
-                                jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]),
-                                                     jnp.float32),
+        out = jax.ShapeDtypeStruct(_output_shape(x.shape, window, strides, pads, x.shape[3]),
+                                   jnp.float32)
+        return jax.ffi.ffi_call("transferlab_onednn_max_pool_forward", out,
                                 vmap_method="sequential")(
             x, **_pool_attributes(window, strides, pads))
     return _per_image(local, "b h w c -> b i j c")

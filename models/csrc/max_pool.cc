@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "openmp_lock.h"
@@ -133,28 +134,28 @@ ffi::Error MaxPoolBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
   return ffi::Error::Success();
 }
 
+// Both handlers' window, after their buffers: the arguments `Pool` is made of.
+template <typename Binding>
+auto WithPoolAttributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("window_h")
+      .template Attr<int64_t>("window_w")
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolForward, MaxPoolForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window_h")
-                                  .Attr<int64_t>("window_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+                              WithPoolAttributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::Buffer<ffi::F32>>()
+                                                     .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolBackward, MaxPoolBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window_h")
-                                  .Attr<int64_t>("window_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+                              WithPoolAttributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::Buffer<ffi::F32>>()
+                                                     .Arg<ffi::Buffer<ffi::F32>>()
+                                                     .Arg<ffi::Buffer<ffi::F32>>()
+                                                     .Ret<ffi::Buffer<ffi::F32>>()));
