@@ -3,7 +3,8 @@
 Float32 convolutions (any groups) run on the CPU through oneDNN's kernels where the library is
 available (``models.onednn``): all three passes, the kernel gradient 1.5–3× faster than XLA's;
 stride-1 1×1 ones with at least 128 channels in and out as Dense layers on MKL's sgemm
-(``onednn.sgemm_suits``), 1.1–1.4× faster than oneDNN there.
+(``onednn.sgemm_suits``), 1.1–1.4× faster than oneDNN there; 3×3 stride-1 ones as Winograd's
+F(4×4, 3×3), oneDNN's kernels on AVX-512 and this project's elsewhere (``models.winograd``).
 The formulations below serve the rest (other dtypes, or no oneDNN).
 
 XLA lowers a depthwise convolution (``feature_group_count`` = channels) on the CPU to a
@@ -61,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models import onednn
+from models import onednn, winograd
 
 # XLA:CPU's YNNPACK fusion of individual convolutions is slower than its default convolution
 # path for the networks here (about 2× on ResNets). The flag names XLA:CPU, so other backends
@@ -103,6 +104,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     on_onednn = plain and lhs.dtype == rhs.dtype == jnp.float32 and onednn.enabled()
     if on_onednn and onednn.sgemm_suits(rhs.shape, strides, pads, feature_group_count):
         cpu = pointwise_dense
+    elif on_onednn and winograd.suits(rhs.shape, strides, pads, feature_group_count):
+        cpu = lambda x, w: winograd.conv(x, w, pads)
     elif on_onednn:
         cpu = lambda x, w: onednn.conv(x, w, strides, pads, feature_group_count)
     elif plain and feature_group_count == lhs.shape[3] == rhs.shape[3] > 1 and rhs.shape[2] == 1:
