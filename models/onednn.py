@@ -89,6 +89,11 @@ TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardD
            "materialize": "Materialize", "winograd_input": "WinogradInput",
            "winograd_output": "WinogradOutput", "winograd_grad": "WinogradGrad"}
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# -fno-trapping-math: no code here reads floating-point exceptions, and without it GCC leaves
+# scalar any loop that clamps a float before converting it to an integer (``Exp`` in
+# csrc/vector_math.h) on CPUs without AVX-512's masks.
+COMPILER_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-ffp-contract=fast",
+                  "-fno-trapping-math")
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _disabled_while_tracing = [False]
@@ -143,11 +148,11 @@ def mkl_runtime() -> Path | None:
 
 
 def library_path() -> Path:
-    """Where the built library is cached: one file per version of ``csrc``, of jaxlib and of
-    MKL's presence."""
+    """Where the built library is cached: one file per version of ``csrc``, of jaxlib, of MKL's
+    presence and of the compiler's flags."""
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.glob("*.[ch]*")))
                             + jax.__version__.encode() + str(mkl_runtime()).encode()
-                            ).hexdigest()[:16]
+                            + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transferlab"
     return cache / f"onednn-{digest}.so"
 
@@ -169,8 +174,8 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
         done = subprocess.run(
-            ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-ffp-contract=fast",
-             f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", str(built), *libraries],
+            ["g++", *COMPILER_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o",
+             str(built), *libraries],
             capture_output=True, text=True)
         if done.returncode:
             raise OSError(f"building {', '.join(s.name for s in sources)} failed:\n"

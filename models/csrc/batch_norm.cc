@@ -33,16 +33,21 @@ constexpr int64_t kBlockRows = 64;
 
 using transferlab::Exp;
 
+// Written without branches (comparisons as 0 or 1): GCC leaves a select of constants a branch
+// without AVX-512's masks, and the loop scalar (10-20x slower on an AVX2 CPU).
 template <Activation kAct>
 inline __attribute__((always_inline)) float Derivative(float pre) {
-  if constexpr (kAct == kRelu) return pre > 0.0f ? 1.0f : 0.0f;
-  if constexpr (kAct == kRelu6) return pre > 0.0f && pre < 6.0f ? 1.0f : 0.0f;
+  if constexpr (kAct == kRelu) return static_cast<float>(pre > 0.0f);
+  if constexpr (kAct == kRelu6) {
+    return static_cast<float>(pre > 0.0f) * static_cast<float>(pre < 6.0f);
+  }
   if constexpr (kAct == kSilu) {
     const float s = 1.0f / (1.0f + Exp(-pre));
     return s * (1.0f + pre * (1.0f - s));
   }
-  if constexpr (kAct == kHardSwish) {
-    return pre < -3.0f ? 0.0f : pre > 3.0f ? 1.0f : (2.0f * pre + 3.0f) / 6.0f;
+  if constexpr (kAct == kHardSwish) {  // 0 below -3, 1 above 3, (2·pre + 3)/6 between
+    const float inside = static_cast<float>(pre >= -3.0f), above = static_cast<float>(pre > 3.0f);
+    return inside * (above + (1.0f - above) * (2.0f * pre + 3.0f) / 6.0f);
   }
   return 1.0f;
 }
