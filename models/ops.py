@@ -488,7 +488,11 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def _silu_derivative(pre):
-    s = jax.nn.sigmoid(pre)
+    """With the sigmoid as 0.5·(1 + tanh(pre/2)): written as the forward pass's, XLA computed
+    it once for both passes, in a fusion of its own whose output it wrote and kept for the
+    gradient (EfficientNet-B0 on a Zen 1: 65 such fusions, 155 ms of a 2.0 s step; the step
+    1.9–2.0 s after, in one process)."""
+    s = 0.5 + 0.5 * jnp.tanh(0.5 * pre)
     return s * (1.0 + pre * (1.0 - s))
 
 

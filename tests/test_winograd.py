@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-import models
 from models import onednn, ops, winograd
-from tests.test_onednn import compiled_text, conv_of, needs_onednn, split_over_devices
+from tests.test_onednn import (assert_resnet_gradients_equal_xlas, compiled_text, conv_of,
+                               needs_onednn, split_over_devices)
 
 TRANSFORMS = ("transferlab_onednn_winograd_input", "transferlab_onednn_winograd_output",
               "transferlab_onednn_winograd_grad")
@@ -112,20 +112,4 @@ def test_3x3_stride_1_convolutions_take_it_on_cpus_without_avx512(monkeypatch):
 @pytest.mark.usefixtures("winograd")
 def test_resnet_train_step_gradients_equal_xlas(monkeypatch):
     fake_cpu(monkeypatch, "avx2")
-    model = models.create("resnet18", num_classes=10)
-    variables = models.init_variables(model, jax.random.key(0), 32)
-    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-
-    def grads():
-        def loss(params):
-            logits, _ = model.apply({**variables, "params": params}, images, train=True,
-                                    mutable=["batch_stats"])
-            return jnp.mean(logits ** 2)
-        return jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
-    ours = grads()
-    assert TRANSFORMS[2] in ours.as_text()
-    with onednn.disabled():
-        theirs = grads()
-    for a, b in zip(jax.tree.leaves(ours(variables["params"])),
-                    jax.tree.leaves(theirs(variables["params"]))):  # float32 rounding
-        assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()  # through 18 layers of BatchNorm
+    assert TRANSFORMS[2] in assert_resnet_gradients_equal_xlas()

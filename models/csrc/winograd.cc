@@ -107,23 +107,6 @@ inline void Store36(Lanes values[kAlpha][kAlpha], const Tiling& t, int64_t tile,
   }
 }
 
-// Applies `transform(image, tile row, tile column, first channel, lanes)` to every tile and
-// block of channels, (image, tile row) pairs spread over OpenMP's threads.
-template <typename Transform>
-void ForEachTile(const Tiling& t, int64_t channels, Transform transform) {
-  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t image = 0; image < t.n; ++image) {
-    for (int64_t i = 0; i < t.tiles_h; ++i) {
-      for (int64_t j = 0; j < t.tiles_w; ++j) {
-        for (int64_t c0 = 0; c0 < channels; c0 += kLanes) {
-          transform(image, i, j, c0, std::min(kLanes, channels - c0));
-        }
-      }
-    }
-  }
-}
-
 // Compiled for each instruction set, the best chosen when the library loads.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void InputTile(const float* x, const Tiling& t, int64_t image, int64_t i, int64_t j,
@@ -195,54 +178,62 @@ void GradTile(const float* dy, const Tiling& t, int64_t image, int64_t i, int64_
   Store36(out, t, (image * t.tiles_h + i) * t.tiles_w + j, c0, lanes, z);
 }
 
-bool Rank(ffi::Span<const int64_t> dims, size_t rank) { return dims.size() == rank; }
+using TileFn = void (*)(const float* src, const Tiling& t, int64_t image, int64_t i, int64_t j,
+                       int64_t c0, int64_t lanes, float* dst);
+
+// Applies `tile` to every tile and block of channels, (image, tile row) pairs spread over
+// OpenMP's threads.
+ffi::Error ForEachTile(TileFn tile, const Tiling& t, const float* src, float* dst) {
+  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t image = 0; image < t.n; ++image) {
+    for (int64_t i = 0; i < t.tiles_h; ++i) {
+      for (int64_t j = 0; j < t.tiles_w; ++j) {
+        for (int64_t c0 = 0; c0 < t.c; c0 += kLanes) {
+          tile(src, t, image, i, j, c0, std::min(kLanes, t.c - c0), dst);
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// Whether `spatial` is [N,H,W,C] and `transformed` its tiles' [36, N·tiles_h·tiles_w, C].
+bool Fits(ffi::Span<const int64_t> spatial, ffi::Span<const int64_t> transformed,
+          int64_t tiles_h, int64_t tiles_w) {
+  return spatial.size() == 4 && transformed.size() == 3 && transformed[0] == kAlpha * kAlpha &&
+         transformed[1] == spatial[0] * tiles_h * tiles_w && transformed[2] == spatial[3];
+}
 
 ffi::Error InputImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> v, int64_t tiles_h,
                      int64_t tiles_w, int64_t pad_top, int64_t pad_left) {
-  const auto xd = x.dimensions(), vd = v->dimensions();
-  if (!Rank(xd, 4) || !Rank(vd, 3) || vd[0] != 36 || vd[1] != xd[0] * tiles_h * tiles_w ||
-      vd[2] != xd[3]) {
+  const auto d = x.dimensions();
+  if (!Fits(d, v->dimensions(), tiles_h, tiles_w)) {
     return ffi::Error::InvalidArgument("Winograd input: wants x[N,H,W,C] -> v[36,N*TH*TW,C]");
   }
-  const Tiling t{xd[0], xd[1], xd[2], xd[3], tiles_h, tiles_w, pad_top, pad_left};
-  const float* src = x.typed_data();
-  float* dst = v->typed_data();
-  ForEachTile(t, t.c, [&](int64_t n, int64_t i, int64_t j, int64_t c0, int64_t lanes) {
-    InputTile(src, t, n, i, j, c0, lanes, dst);
-  });
-  return ffi::Error::Success();
+  return ForEachTile(InputTile, {d[0], d[1], d[2], d[3], tiles_h, tiles_w, pad_top, pad_left},
+                     x.typed_data(), v->typed_data());
 }
 
 ffi::Error OutputImpl(ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> y, int64_t tiles_h,
                       int64_t tiles_w) {
-  const auto md = m.dimensions(), yd = y->dimensions();
-  if (!Rank(md, 3) || !Rank(yd, 4) || md[0] != 36 || md[1] != yd[0] * tiles_h * tiles_w ||
-      md[2] != yd[3] || yd[1] > kTile * tiles_h || yd[2] > kTile * tiles_w) {
+  const auto d = y->dimensions();
+  if (!Fits(d, m.dimensions(), tiles_h, tiles_w) || d[1] > kTile * tiles_h ||
+      d[2] > kTile * tiles_w) {
     return ffi::Error::InvalidArgument("Winograd output: wants m[36,N*TH*TW,O] -> y[N,OH,OW,O]");
   }
-  const Tiling t{yd[0], yd[1], yd[2], yd[3], tiles_h, tiles_w, 0, 0};
-  const float* src = m.typed_data();
-  float* dst = y->typed_data();
-  ForEachTile(t, t.c, [&](int64_t n, int64_t i, int64_t j, int64_t c0, int64_t lanes) {
-    OutputTile(src, t, n, i, j, c0, lanes, dst);
-  });
-  return ffi::Error::Success();
+  return ForEachTile(OutputTile, {d[0], d[1], d[2], d[3], tiles_h, tiles_w, 0, 0},
+                     m.typed_data(), y->typed_data());
 }
 
 ffi::Error GradImpl(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> z, int64_t tiles_h,
                     int64_t tiles_w) {
-  const auto gd = dy.dimensions(), zd = z->dimensions();
-  if (!Rank(gd, 4) || !Rank(zd, 3) || zd[0] != 36 || zd[1] != gd[0] * tiles_h * tiles_w ||
-      zd[2] != gd[3]) {
+  const auto d = dy.dimensions();
+  if (!Fits(d, z->dimensions(), tiles_h, tiles_w)) {
     return ffi::Error::InvalidArgument("Winograd gradient: wants dy[N,OH,OW,O] -> z[36,N*TH*TW,O]");
   }
-  const Tiling t{gd[0], gd[1], gd[2], gd[3], tiles_h, tiles_w, 0, 0};
-  const float* src = dy.typed_data();
-  float* dst = z->typed_data();
-  ForEachTile(t, t.c, [&](int64_t n, int64_t i, int64_t j, int64_t c0, int64_t lanes) {
-    GradTile(src, t, n, i, j, c0, lanes, dst);
-  });
-  return ffi::Error::Success();
+  return ForEachTile(GradTile, {d[0], d[1], d[2], d[3], tiles_h, tiles_w, 0, 0},
+                     dy.typed_data(), z->typed_data());
 }
 
 }  // namespace
