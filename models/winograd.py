@@ -137,9 +137,8 @@ _transform_gradient = onednn._batch_parallel("b h w c, b i j o -> k c o",
 def conv(x, w, pads: Pads):
     """Stride-1 convolution of float32 NHWC ``x`` with a (3, 3, I, O) kernel ``w``, ``pads``
     ((top, bottom), (left, right)) each at most 2: ``lax.conv_general_dilated``'s values."""
-    out_hw = tuple(size + lo + hi - 2 for size, (lo, hi) in zip(x.shape[1:3], pads))
-    return _forward(x, _kernel_transform(w, _KERNEL), (x.shape[0], *out_hw, w.shape[3]),
-                    (pads, False))
+    out_shape = onednn._output_shape(x.shape, (3, 3), (1, 1), pads, w.shape[3])
+    return _forward(x, _kernel_transform(w, _KERNEL), out_shape, (pads, False))
 
 
 def _conv_fwd(x, w, pads):
