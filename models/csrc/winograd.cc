@@ -238,23 +238,16 @@ ffi::Error GradImpl(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> z, int
 
 }  // namespace
 
+// One array in, one out, and the tiles per image: what every transform's binding starts with.
+#define WINOGRAD_TRANSFORM_BINDING    \
+  ffi::Ffi::Bind()                    \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Ret<ffi::Buffer<ffi::F32>>()   \
+      .Attr<int64_t>("tiles_h")       \
+      .Attr<int64_t>("tiles_w")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradInput, InputImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("tiles_h")
-                                  .Attr<int64_t>("tiles_w")
-                                  .Attr<int64_t>("pad_top")
+                              WINOGRAD_TRANSFORM_BINDING.Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradOutput, OutputImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("tiles_h")
-                                  .Attr<int64_t>("tiles_w"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradGrad, GradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("tiles_h")
-                                  .Attr<int64_t>("tiles_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradOutput, OutputImpl, WINOGRAD_TRANSFORM_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradGrad, GradImpl, WINOGRAD_TRANSFORM_BINDING);
