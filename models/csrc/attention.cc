@@ -159,7 +159,7 @@ void GatherQkv(const Heads& x, const Head& at, const float* qkv, Worker& w) {
 
 // Each row of `p` (rows × cols) replaced by softmax(scale · row), the log of whose denominator
 // goes to lse[row]: softmax(scale · row) = exp(scale · row − lse).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void SoftmaxRows(float* p, float* lse, int64_t rows, int64_t cols, float scale) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = p + i * cols;
@@ -179,7 +179,7 @@ void SoftmaxRows(float* p, float* lse, int64_t rows, int64_t cols, float scale) 
 }
 
 // Each row of `p` (rows × cols) replaced by exp(scale · row − lse[row]).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void ProbabilityRows(float* p, const float* lse, int64_t rows, int64_t cols, float scale) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = p + i * cols;
@@ -190,7 +190,7 @@ void ProbabilityRows(float* p, const float* lse, int64_t rows, int64_t cols, flo
 
 // dp (the gradient at the softmax's output) replaced by scale · p ⊙ (dp − Σ_row dp ⊙ p): the
 // gradient at q·kᵀ.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void SoftmaxGradRows(const float* p, float* dp, int64_t rows, int64_t cols, float scale) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* y = p + i * cols;

@@ -89,8 +89,7 @@ inline __attribute__((always_inline)) void SumRows(const float* x, const float* 
   }
 }
 
-// Compiled for each instruction set, the best chosen when the library loads.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void SumChunk(const float* x, const float* dy, const float* affine, int64_t activation,
               const Rows& g, int64_t n, int64_t begin, int64_t end, double* first,
               double* second) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "openmp_lock.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -58,9 +59,8 @@ inline __attribute__((always_inline)) void AccumulateTap(const float* x, const f
   std::copy(acc, acc + lanes, out);
 }
 
-// partial[n][tap][c]: image n's share of the gradient. Compiled for each instruction set, the
-// best chosen when the library loads.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// partial[n][tap][c]: image n's share of the gradient.
+TRANSFERLAB_VECTOR_CLONES
 void ImageBlock(const float* x, const float* dy, const Window& g, int64_t n, int64_t block,
                 float* partial) {
   const int64_t c0 = block * kLanes, lanes = std::min(kLanes, g.c - c0);

@@ -18,6 +18,7 @@
 #include <omp.h>
 
 #include "openmp_lock.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,7 +41,7 @@ __attribute__((always_inline)) inline void Statistics(const float* x, int64_t c,
   rstd = 1.0f / std::sqrt(squares / c + epsilon);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void NormalizeRows(const float* x, const float* scale, const float* bias, float* y,
                    int64_t begin, int64_t end, int64_t c, float epsilon) {
   for (int64_t i = begin; i < end; ++i) {
@@ -54,7 +55,7 @@ void NormalizeRows(const float* x, const float* scale, const float* bias, float*
 }
 
 // dx for rows [begin, end), and their Σ dy·x̂ and Σ dy added into sums[0:c] and sums[c:2c].
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void GradientRows(const float* x, const float* scale, const float* dy, float* dx, float* sums,
                   int64_t begin, int64_t end, int64_t c, float epsilon) {
   float* scale_sum = sums;

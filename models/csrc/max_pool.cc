@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "openmp_lock.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -30,8 +31,7 @@ struct Pool {
   int64_t h, w, c, oh, ow, window_h, window_w, stride_h, stride_w, pad_top, pad_left;
 };
 
-// Compiled for each instruction set, the best chosen when the library loads.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void ImageBlock(const float* x, const float* y, const float* dy, const Pool& p, int64_t c0,
                 int64_t lanes, float* dx) {
   float pending[kChannelBlock];  // 1 until the output's gradient has found its tap
@@ -62,7 +62,7 @@ void ImageBlock(const float* x, const float* y, const float* dy, const Pool& p, 
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void ForwardImageBlock(const float* x, const Pool& p, int64_t c0, int64_t lanes, float* y) {
   for (int64_t oh = 0; oh < p.oh; ++oh) {
     for (int64_t ow = 0; ow < p.ow; ++ow) {

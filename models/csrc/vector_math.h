@@ -5,6 +5,12 @@
 #include <cstdint>
 #include <cstring>
 
+// A function compiled for each level of x86-64 (v4: AVX-512; v3: AVX2 with FMA), the best one
+// the CPU has chosen when the library loads. GCC's "avx2" target leaves out FMA: its clones
+// multiplied and added apart (Exp 30% slower on a Zen 1).
+#define TRANSFERLAB_VECTOR_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
 namespace transferlab {
 
 // e^x on [-87, 88] to float precision (clamped outside).
@@ -12,8 +18,9 @@ inline float Exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5·2²³
   const float r = x - n * 0.693145752f - n * 1.42860677e-6f;  // x − n·ln2, in two parts
-  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
-                  1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));  // Taylor, |r| ≤ ln2/2
+  const float r2 = r * r;  // Taylor to r⁷ (|r| ≤ ln2/2) in Estrin's order: 4 dependent steps, not 7
+  const float p = (1.0f + r) + r2 * ((0.5f + r * (1.0f / 6)) +
+                  r2 * ((1.0f / 24 + r * (1.0f / 120)) + r2 * (1.0f / 720 + r * (1.0f / 5040))));
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);

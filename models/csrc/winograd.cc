@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "openmp_lock.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -107,8 +108,7 @@ inline void Store36(Lanes values[kAlpha][kAlpha], const Tiling& t, int64_t tile,
   }
 }
 
-// Compiled for each instruction set, the best chosen when the library loads.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void InputTile(const float* x, const Tiling& t, int64_t image, int64_t i, int64_t j,
                int64_t c0, int64_t lanes, float* v) {
   Lanes d[kAlpha][kAlpha], rows[kAlpha][kAlpha], out[kAlpha][kAlpha];
@@ -128,7 +128,7 @@ void InputTile(const float* x, const Tiling& t, int64_t image, int64_t i, int64_
   Store36(out, t, (image * t.tiles_h + i) * t.tiles_w + j, c0, lanes, v);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void OutputTile(const float* m, const Tiling& t, int64_t image, int64_t i, int64_t j,
                 int64_t c0, int64_t lanes, float* y) {
   Lanes in[kAlpha][kAlpha], rows[kTile][kAlpha], out[kTile][kTile];
@@ -159,7 +159,7 @@ void OutputTile(const float* m, const Tiling& t, int64_t image, int64_t i, int64
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TRANSFERLAB_VECTOR_CLONES
 void GradTile(const float* dy, const Tiling& t, int64_t image, int64_t i, int64_t j,
               int64_t c0, int64_t lanes, float* z) {
   Lanes g[kTile][kTile], rows[kAlpha][kTile], out[kAlpha][kAlpha];
