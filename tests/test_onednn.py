@@ -2,6 +2,7 @@
 against XLA's own, alone, under jit over a sharded mesh, and inside a model's train step."""
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def test_openmp_loads_passive_unless_the_environment_says_otherwise(monkeypatch)
     assert "GOMP_SPINCOUNT = '0'" in shown and left == "None"
     shown, left = openmp_settings_on_loading(OMP_WAIT_POLICY="ACTIVE")
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in shown and left == "ACTIVE"
+
+
+@needs_onednn
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the clones are x86-64's")
+def test_native_loops_have_clones_with_fma_for_avx2_and_avx512_cpus():
+    """GCC's "avx2" and "avx512f" targets leave out FMA; x86-64-v3 and v4 include it."""
+    library = onednn.build().read_bytes()
+    for loop in (b"SumChunk", b"SoftmaxRows", b"NormalizeRows", b"OutputTile"):
+        for level in (b"arch_x86_64_v3", b"arch_x86_64_v4", b"default"):
+            assert re.search(loop + rb"\w*\." + level + b"\0", library), (loop, level)
+    assert not re.search(rb"\.avx2\0|\.avx512f\0", library)
 
 
 def conv_of(op, strides, padding):
