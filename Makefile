@@ -11,6 +11,9 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Outside CI the slow end-to-end and large-model tests are left out; CI runs them too, all but
 # the exhaustive reference sweeps (every Keras architecture), which `make test-all` adds.
 PYTEST_ARGS ?= $(if $(CI),-m "not exhaustive",-m "not slow")
+# Two workers, a test file each at a time: most tests wait on XLA's single-threaded compiler,
+# so one pytest process kept the two cores about half busy.
+WORKERS ?= -n 2 --dist loadfile
 # Huge pages for glibc's large buffers (see scripts/common.py): the scripts restart with it,
 # and the tests run in pytest's own process.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
@@ -21,10 +24,10 @@ demo: setup data onednn
 	$(PY) -m scripts.ablate --config configs/quickstart.py --workdir runs/quickstart
 
 test: setup data onednn
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(WORKERS) $(PYTEST_ARGS)
 
 test-all: setup data onednn
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 $(WORKERS)
 
 setup: $(STAMP)
 
