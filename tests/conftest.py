@@ -11,9 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # stride-1 convolutions) move Inception v3's by up to 1.3e-4. Tests run direct convolutions;
 # the Winograd tests (test_onednn.py) turn them on with `winograd`.
 os.environ.setdefault("TRANSFERLAB_ONEDNN_WINOGRAD", "0")
-# Many tests compile the same programs (a model's initialiser, a train step), several in
-# subprocesses (the benchmark, the quickstart, two-process training): one persistent XLA
-# compilation cache for the session and its subprocesses compiles each once.
+# Many tests compile the same programs (a model's initialiser, a train step), some in
+# subprocesses (the benchmark's, two-process training's) or in the other xdist worker: one
+# persistent XLA compilation cache for the session and its subprocesses compiles each once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="transferlab-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
