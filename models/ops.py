@@ -47,7 +47,8 @@ XLA's own lowering. The values are those of ``lax.conv_general_dilated``, ``lax.
 ``jax.nn.dot_product_attention`` and ``lax.reduce_window``.
 
 ``set_cpu_defaults`` adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` when ``models`` is imported. The
-scripts also start with huge pages for large buffers (``scripts.common.CPU_GLIBC_TUNABLES``).
+scripts also start with huge pages for large buffers (``scripts.common.CPU_GLIBC_TUNABLES``)
+and keep those buffers mapped between steps (``scripts/buffer_cache.c``).
 """
 
 from __future__ import annotations

@@ -9,16 +9,17 @@ settings are its own, and the measurements run one at a time. Where two sides ar
 (PyTorch, ours) their processes take turns, a few steps each after one untimed step, until
 each has its steps: the machine's drift over minutes (±15% seen here) moves both sides alike
 instead of the ratio. They set up in that order, ours last: of two identical processes, the
-first set up measured 1.5–5% faster here. PyTorch without glibc's tunables runs after them,
-alone: taking turns beside it (200,000 page faults a step) slowed our MobileNetV2 step by a
-third and PyTorch's not at all, on an AMD EPYC. The freeze sweep likewise runs each depth (and
+first set up measured 1.5–5% faster here. Both run in the scripts' memory environment (glibc's
+tunables, the buffer cache); PyTorch without it runs after them, alone: taking turns beside it
+(200,000 page faults a step) slowed our MobileNetV2 step by a third and PyTorch's not at all,
+on an AMD EPYC. The freeze sweep likewise runs each depth (and
 its cached prefix) in turns with full fine-tuning, set up first, and divides by that full step
 for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
 ``ratio``, …) and ``bench.md``.
 """
 
-from scripts import common
+from scripts import buffer_cache, common
 
 common.set_cpu_defaults()
 
@@ -241,7 +242,8 @@ MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_pr
 
 def measure(name: str, glibc_defaults: bool = False, **kwargs) -> dict:
     """Run one measurement in a fresh subprocess and return its result; ``glibc_defaults``
-    runs it without the project's glibc tunables (``common.CPU_GLIBC_TUNABLES``)."""
+    runs it without the project's glibc tunables (``common.CPU_GLIBC_TUNABLES``) and buffer
+    cache (``scripts/buffer_cache.py``)."""
     return measure_interleaved([(name, glibc_defaults, kwargs)], turn_steps=0)[0]
 
 
@@ -267,7 +269,7 @@ def _start(name: str, glibc_defaults: bool, kwargs: dict, turn_steps: int):
     if glibc_defaults:
         tunables = env.get("GLIBC_TUNABLES", "").split(":")
         env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t != common.CPU_GLIBC_TUNABLES)
-        env["TRANSFERLAB_HUGE_PAGES"] = "0"
+        env = {**buffer_cache.without_buffer_cache(env), "TRANSFERLAB_HUGE_PAGES": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "scripts.bench", "--one", json.dumps({"name": name, **kwargs})],
         cwd=Path(__file__).parents[1], env=env, text=True, stdin=subprocess.PIPE,
@@ -397,7 +399,9 @@ def environment() -> dict:
                dense_products="MKL's sgemm" if onednn.uses_mkl() else "oneDNN's matmul",
                python=platform.python_version(), jax=jax.__version__,
                xla_flags=os.environ.get("XLA_FLAGS", ""),
-               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), torch_threads=TORCH_THREADS)
+               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+               buffer_cache="buffer_cache-" in os.environ.get("LD_PRELOAD", ""),
+               torch_threads=TORCH_THREADS)
     try:
         import torch
         env["torch"] = torch.__version__
@@ -424,8 +428,9 @@ def markdown(records: list[dict], env: dict, args) -> str:
              "the compared sides taking turns (2 steps each, after an untimed one; PyTorch set up "
              "first; each freeze depth with full fine-tuning, its `speedup` against that "
              "`full_img_s`); "
-             f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}` for both "
-             "(`peer_glibc_defaults`: PyTorch without it, run alone after each pair).", "",
+             f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}`"
+             + (" and the buffer cache" if env["buffer_cache"] else "") + " for both "
+             "(`peer_glibc_defaults`: PyTorch without them, run alone after each pair).", "",
              "| model | measurement | ours | PyTorch | ratio | notes |",
              "|---|---|---|---|---|---|"]
     for r in records:

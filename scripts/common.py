@@ -36,10 +36,18 @@ def glibc_has_hugetlb() -> bool:
     return library == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
 
 
+def with_cpu_memory_settings(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with glibc's tunables and the buffer cache (``scripts/buffer_cache.py``)."""
+    from scripts import buffer_cache
+    return buffer_cache.with_buffer_cache(with_cpu_glibc_tunables(env),
+                                          uses_glibc=libc_version().startswith("glibc"))
+
+
 def set_cpu_defaults() -> None:
-    """The project's CPU defaults, set before JAX starts: glibc's tunables (for which the
-    script starts again, same arguments, when they are missing) and XLA's flags."""
-    env = with_cpu_glibc_tunables(dict(os.environ))
+    """The project's CPU defaults, set before JAX starts: glibc's tunables and the buffer cache
+    (for which the script starts again, same arguments, when they are missing) and XLA's
+    flags."""
+    env = with_cpu_memory_settings(dict(os.environ))
     if env != os.environ:
         os.execve(sys.executable, sys.orig_argv, env)
     from models import ops

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts import common
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,9 @@ def test_benchmark_runs_in_quick_mode(tmp_path):
     assert all(c["flops"] < d["flops"] for c, d in zip(cached, depths[1:]))
     assert all(r["speedup"] == r["ours"] / r["full_img_s"] for r in sweep[1:])
     assert "| resnet18 | train step |" in (tmp_path / "bench.md").read_text()
+    if common.libc_version().startswith("glibc"):  # both sides ran with the buffer cache
+        assert json.loads((tmp_path / "bench.json").read_text())["environment"]["buffer_cache"]
+        assert "and the buffer cache for both" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,4 +1,5 @@
-"""The scripts' CPU defaults: glibc's huge pages for large buffers, set by restarting."""
+"""The scripts' CPU defaults: glibc's huge pages for large buffers and the buffer cache that
+keeps them mapped between steps (``scripts/buffer_cache.c``), set by restarting."""
 
 import os
 import subprocess
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import common
+from scripts import buffer_cache, common
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_glibc = pytest.mark.skipif(
@@ -30,7 +31,8 @@ def test_a_users_own_choice_wins():
 
 def run_python(code: str, **env) -> str:
     base = {k: v for k, v in os.environ.items()
-            if k not in ("GLIBC_TUNABLES", "TRANSFERLAB_HUGE_PAGES")}
+            if k not in ("GLIBC_TUNABLES", "TRANSFERLAB_HUGE_PAGES", "LD_PRELOAD",
+                         "TRANSFERLAB_BUFFER_CACHE")}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**base, **env}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -38,10 +40,11 @@ def run_python(code: str, **env) -> str:
 
 
 @needs_glibc
-def test_a_script_restarts_itself_with_the_tunables_and_its_arguments():
-    code = ("import os, sys; from scripts import common; common.set_cpu_defaults(); "
-            "print(os.environ['GLIBC_TUNABLES'], len(sys.argv))")
-    assert run_python(code) == [common.CPU_GLIBC_TUNABLES, "1"]
+def test_a_script_restarts_itself_with_the_tunables_the_buffer_cache_and_its_arguments():
+    code = ("import ctypes, os, sys; from scripts import common; common.set_cpu_defaults(); "
+            "print(os.environ['GLIBC_TUNABLES'], os.environ['LD_PRELOAD'], len(sys.argv), "
+            "ctypes.CDLL(None).transferlab_buffer_cache_bytes(0))")
+    assert run_python(code) == [common.CPU_GLIBC_TUNABLES, str(buffer_cache.build()), "1", "0"]
 
 
 FAULTS = """
