@@ -12,9 +12,8 @@ instead of the ratio. They set up in that order, ours last: of two identical pro
 first set up measured 1.5–5% faster here. Both run in the scripts' memory environment (glibc's
 tunables, the buffer cache); PyTorch without it runs after them, alone: taking turns beside it
 (200,000 page faults a step) slowed our MobileNetV2 step by a third and PyTorch's not at all,
-on an AMD EPYC. The freeze sweep likewise runs each depth (and
-its cached prefix) in turns with full fine-tuning, set up first, and divides by that full step
-for its ``speedup``.
+on an AMD EPYC. The freeze sweep likewise runs each depth (and its cached prefix) in turns
+with full fine-tuning, set up first, and divides by that full step for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
 ``ratio``, …) and ``bench.md``.
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from scripts import buffer_cache
+
 # glibc's malloc maps each large buffer afresh (and unmaps it when freed), and Linux faults it
 # in 4 KiB at a time: a MobileNetV2 train step (batch 16, 224²) takes 317,000 page faults, half
 # of its CPU time in the kernel. With transparent huge pages on malloc's own mappings it takes
@@ -38,7 +40,6 @@ def glibc_has_hugetlb() -> bool:
 
 def with_cpu_memory_settings(env: dict[str, str]) -> dict[str, str]:
     """``env`` with glibc's tunables and the buffer cache (``scripts/buffer_cache.py``)."""
-    from scripts import buffer_cache
     return buffer_cache.with_buffer_cache(with_cpu_glibc_tunables(env),
                                           uses_glibc=libc_version().startswith("glibc"))
 
