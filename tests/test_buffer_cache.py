@@ -119,8 +119,9 @@ print(len(clashes), kept(0) == kept(), kept() <= 4 * 80)
 
 XLA_STEPS = """
 import resource, jax, jax.numpy as jnp, numpy as np
-step = jax.jit(lambda x: (jnp.tanh(x) * 2 + 1).sum(axis=0))  # a 256 MiB temporary
-x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 1024, 1024)), jnp.float32)
+w = jnp.ones((1024, 1))
+step = jax.jit(lambda x: jnp.tanh(x) @ w)  # the product's operand: a 256 MiB temporary
+x = jnp.asarray(np.random.default_rng(0).normal(size=(64 * 1024, 1024)), jnp.float32)
 first = np.asarray(step(x))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 again = [np.asarray(step(x)) for _ in range(3)]
@@ -134,7 +135,7 @@ def test_xla_steps_fault_no_pages_in_again_and_compute_the_same():
     cached_faults, cached_equal, cached_sum = run_python(XLA_STEPS, cache=True)
     assert plain_equal == cached_equal == "True" and plain_sum == cached_sum
     assert int(plain_faults) > 3 * 128  # each step maps its temporary afresh
-    assert int(cached_faults) * 10 < int(plain_faults)
+    assert int(cached_faults) * 5 < int(plain_faults)  # 196 against 2,310 with huge pages
 
 
 def test_the_scripts_environment_adds_the_library_once_and_a_users_choice_wins():
