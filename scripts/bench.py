@@ -399,7 +399,7 @@ def environment() -> dict:
                python=platform.python_version(), jax=jax.__version__,
                xla_flags=os.environ.get("XLA_FLAGS", ""),
                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-               buffer_cache="buffer_cache-" in os.environ.get("LD_PRELOAD", ""),
+               buffer_cache=buffer_cache.preloaded(os.environ),
                torch_threads=TORCH_THREADS)
     try:
         import torch

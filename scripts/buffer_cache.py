@@ -44,26 +44,36 @@ def build() -> Path:
     return path
 
 
+def _preloads(env: dict[str, str]) -> list[str]:
+    return env.get("LD_PRELOAD", "").replace(":", " ").split()
+
+
+def _is_this_library(path: str) -> bool:
+    return Path(path).name.startswith("buffer_cache-")
+
+
+def preloaded(env: dict[str, str]) -> bool:
+    """Whether ``env``'s LD_PRELOAD has this library."""
+    return any(map(_is_this_library, _preloads(env)))
+
+
 def with_buffer_cache(env: dict[str, str], uses_glibc: bool) -> dict[str, str]:
     """``env`` with the library added to its LD_PRELOAD, unless it is there already, the C
     library is not glibc (whose allocator it passes the rest to), or TRANSFERLAB_BUFFER_CACHE=0.
     Where it cannot be built, ``env`` unchanged and a note on stderr."""
-    preload = env.get("LD_PRELOAD", "")
-    if (not uses_glibc or env.get("TRANSFERLAB_BUFFER_CACHE") == "0"
-            or "buffer_cache-" in preload):
+    if not uses_glibc or env.get("TRANSFERLAB_BUFFER_CACHE") == "0" or preloaded(env):
         return env
     try:
         library = build()
     except OSError as e:
         print(f"note: large buffers are not kept between steps: {e}", file=sys.stderr)
         return env
-    return {**env, "LD_PRELOAD": " ".join(filter(None, (str(library), preload)))}
+    return {**env, "LD_PRELOAD": " ".join(filter(None, (str(library), env.get("LD_PRELOAD"))))}
 
 
 def without_buffer_cache(env: dict[str, str]) -> dict[str, str]:
     """``env`` without this library in its LD_PRELOAD (and with TRANSFERLAB_BUFFER_CACHE=0)."""
-    kept = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split()
-            if "buffer_cache-" not in Path(p).name]
+    kept = [p for p in _preloads(env) if not _is_this_library(p)]
     env = {**env, "TRANSFERLAB_BUFFER_CACHE": "0", "LD_PRELOAD": " ".join(kept)}
     if not kept:
         del env["LD_PRELOAD"]
