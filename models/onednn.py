@@ -82,8 +82,9 @@ TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardD
            "backward_weights": "OnednnConvBackwardWeights",
            "depthwise_backward_weights": "DepthwiseBackwardWeights",
            "matmul": "OnednnMatmul", "batch_norm_sums": "BatchNormSums",
-           "batch_norm_grad_sums": "BatchNormGradSums", "max_pool_forward": "MaxPoolForward",
-           "max_pool_backward": "MaxPoolBackward",
+           "batch_norm_grad_sums": "BatchNormGradSums",
+           "batch_norm_activation_grad_sums": "BatchNormActivationGradSums",
+           "max_pool_forward": "MaxPoolForward", "max_pool_backward": "MaxPoolBackward",
            "attention_forward": "AttentionForward", "attention_backward": "AttentionBackward",
            "layer_norm_forward": "LayerNormForward", "layer_norm_backward": "LayerNormBackward",
            "materialize": "Materialize", "winograd_input": "WinogradInput",
@@ -424,7 +425,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # The activations ``batch_norm_grad_sums`` differentiates, by their codes in csrc/batch_norm.cc.
-BATCH_NORM_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "hard_swish": 4}
+BATCH_NORM_ACTIVATIONS = {"relu": 1, "relu6": 2, "silu": 3, "hard_swish": 4}
 
 
 def _sums_shape(x):
@@ -469,20 +470,33 @@ def batch_norm_sums(x):
     return _per_image_sums(x)
 
 
+def _grad_sums_call(x, dy, affine):
+    return jax.ffi.ffi_call("transferlab_onednn_batch_norm_grad_sums", _sums_shape(x),
+                            vmap_method="sequential")(x, dy, affine)
+
+
+_per_image_grad_sums = _per_image(_grad_sums_call, "b h w c, b h w c, r c -> b t c")
+
+
 @functools.cache
-def _per_image_grad_sums(activation: str | None):
+def _per_image_activation_grad_sums(activation: str):
     code = np.int64(BATCH_NORM_ACTIVATIONS[activation])
 
-    def local(x, dy, affine):
-        return jax.ffi.ffi_call("transferlab_onednn_batch_norm_grad_sums", _sums_shape(x),
-                                vmap_method="sequential")(x, dy, affine, activation=code)
-    return _per_image(local, "b h w c, b h w c, r c -> b t c")
+    def local(x, y, dy, affine):
+        shapes = (_sums_shape(x), jax.ShapeDtypeStruct(x.shape, jnp.float32))
+        return jax.ffi.ffi_call("transferlab_onednn_batch_norm_activation_grad_sums", shapes,
+                                vmap_method="sequential")(x, y, dy, affine, activation=code)
+    return _per_image(local, "b h w c, b h w c, b h w c, r c -> b t c, b h w c")
 
 
-def batch_norm_grad_sums(x, dy, a, b, mean, activation: str | None = None):
-    """(N, 2, C): Σ g and Σ g·(x − mean) over each image's pixels of float32 NHWC ``x`` and
-    ``dy``, where g = dy · act'(a·x + b) for the named ``activation`` (None: g = dy)."""
-    return _per_image_grad_sums(activation)(x, dy, jnp.stack([a, b, mean]))
+def batch_norm_grad_sums(x, y, dy, a, b, mean, activation: str | None = None):
+    """((N, 2, C), g): Σ g and Σ g·(x − mean) over each image's pixels of float32 NHWC ``x``
+    and ``dy``, and g = dy · act'(a·x + b) for the named ``activation`` (None: g = dy), where
+    y = act(a·x + b) is the forward pass's output (unused without an activation)."""
+    affine = jnp.stack([a, b, mean])
+    if activation is None:
+        return _per_image_grad_sums(x, dy, affine), dy
+    return _per_image_activation_grad_sums(activation)(x, y, dy, affine)
 
 
 def _pool_attributes(window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> dict:

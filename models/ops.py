@@ -515,7 +515,8 @@ def batch_norm(x, scale, bias, eps: float, activation: str | None = None):
     """Normalizes ``x`` over all axes but the last with its batch statistics, then applies the
     named ``activation`` (a key of ``ACTIVATIONS``, or None): returns (``y``, mean, variance)
     in float32, the variance as E[x²] − E[x]² (Flax's fast variance). The gradient recomputes
-    the activation's derivative from ``x``: nothing but ``x`` is kept for it."""
+    the activation's derivative from ``x``, and on the CPU from ``y`` too (SiLU's without an
+    exponential): nothing but those two, which the next layer keeps anyway, is kept for it."""
     return _batch_norm_fwd(x, scale, bias, eps, activation)[0]
 
 
@@ -552,34 +553,39 @@ def _batch_norm_fwd(x, scale, bias, eps, activation):
     y = x.astype(jnp.float32) * a + b
     if activation is not None:
         y = ACTIVATIONS[activation][0](y)
-    return (y, mean, var), (x, mean, rstd, scale, bias)
+    # the native gradient reads y: kept by the layer that follows anyway, in float32 there
+    kept_y = y if activation is not None and _native_sums(x) else None
+    return (y, mean, var), (x, kept_y, mean, rstd, scale, bias)
 
 
-def _grad_sums(x, dy, g, a, b, mean, activation):
-    """Σ g and Σ g·(x − mean) over all axes but the last, g = dy · act'(a·x + b)."""
+def _grad_sums(x, y, dy, a, b, mean, activation):
+    """(Σ g, Σ g·(x − mean)) over all axes but the last, and g = dy · act'(a·x + b)."""
     axes = tuple(range(x.ndim - 1))
 
     def xla(x, dy):
-        return g.sum(axes), (g * (x.astype(jnp.float32) - mean)).sum(axes)
+        x32 = x.astype(jnp.float32)
+        g = dy.astype(jnp.float32)
+        if activation is not None:
+            g = g * ACTIVATIONS[activation][1](x32 * a + b)
+        return g.sum(axes), (g * (x32 - mean)).sum(axes), g
 
     def native(x, dy):
-        total = onednn.batch_norm_grad_sums(x, dy, a, b, mean, activation).sum(0)
-        return total[0], total[1]
+        sums, g = onednn.batch_norm_grad_sums(x, y, dy, a, b, mean, activation)
+        total = sums.sum(0)
+        return total[0], total[1], g
     if _native_sums(x) and dy.dtype == jnp.float32:
         return lax.platform_dependent(x, dy, cpu=native, default=xla)
     return xla(x, dy)
 
 
 def _batch_norm_bwd(eps, activation, residuals, cotangents):
-    """The gradient in two passes over ``x``: the two sums, then one elementwise loop."""
-    x, mean, rstd, scale, bias = residuals
+    """The gradient in two passes over ``x``: the two sums (and g), then one elementwise loop."""
+    x, y, mean, rstd, scale, bias = residuals
     dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
     count = math.prod(x.shape[:-1])
     a, b = _affine(scale, bias, mean, rstd)
-    x32 = x.astype(jnp.float32)
-    g = dy if activation is None else dy * ACTIVATIONS[activation][1](x32 * a + b)
-    sum_g, sum_gc = _grad_sums(x, cotangents[0], g, a, b, mean, activation)
-    centred = x32 - mean
+    sum_g, sum_gc, g = _grad_sums(x, y, cotangents[0], a, b, mean, activation)
+    centred = x.astype(jnp.float32) - mean
     dx = (a * (g - sum_g / count - centred * (rstd * rstd * sum_gc / count))
           + (dmean + 2.0 * dvar * centred) / count)
     return dx.astype(x.dtype), sum_gc * rstd, sum_g

@@ -359,13 +359,16 @@ def test_batch_norm_on_native_sums_equals_autodiff(activation):
 @needs_onednn
 def test_batch_norm_sums_each_pair_in_one_native_pass():
     """No XLA reduction over the activations: the statistics and the gradient's two sums are
-    one call each."""
+    one call each; SiLU's exponential is the forward pass's only."""
     x = jnp.ones((2, 4, 4, 3), jnp.float32)
-    grad = jax.grad(lambda x: ops.batch_norm(x, jnp.ones(3), jnp.zeros(3), 1e-5, "silu")[0].sum())
-    text = compiled_text(grad, x)
+    forward = lambda x: ops.batch_norm(x, jnp.ones(3), jnp.zeros(3), 1e-5, "silu")[0].sum()
+    text = compiled_text(jax.grad(forward), x)
     assert (text.count("transferlab_onednn_batch_norm_sums"),
-            text.count("transferlab_onednn_batch_norm_grad_sums")) == (1, 1)
+            text.count("transferlab_onednn_batch_norm_activation_grad_sums")) == (1, 1)
     assert not re.search(r"f32\[[^\]]*\] reduce\(f32\[2,4,4,3\]", text)
+    exponentials = re.compile(r"= f32\[2,4,4,3\][^=]* (exponential|logistic|tanh)\(")
+    forward_only = compiled_text(forward, x)
+    assert len(exponentials.findall(text)) == len(exponentials.findall(forward_only)) == 1
 
 
 @needs_onednn
@@ -380,9 +383,28 @@ def test_native_sums_per_image_equal_numpys(images, rows):
                                rtol=1e-5, atol=1e-3)
     pre = x * a + b
     g = dy * np.where(pre > 0, 1.0, 0.0)
-    np.testing.assert_allclose(onednn.batch_norm_grad_sums(x, dy, a, b, mean, "relu"),
-                               np.stack([g.sum((1, 2)), (g * (x - mean)).sum((1, 2))], 1),
+    sums, ours = onednn.batch_norm_grad_sums(x, np.maximum(pre, 0), dy, a, b, mean, "relu")
+    np.testing.assert_allclose(sums, np.stack([g.sum((1, 2)), (g * (x - mean)).sum((1, 2))], 1),
                                rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(ours, g)
+
+
+@needs_onednn
+def test_native_silu_gradient_from_the_output_equals_the_sigmoids():
+    """SiLU's derivative from y = silu(pre) and pre: at 0, at either end of float's range
+    and between, as σ + pre·σ·(1 − σ) in float64."""
+    pre = np.concatenate([[0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 88.0, -88.0, 1e4, -1e4, 3e38,
+                           -3e38], np.linspace(-30, 30, 1001)]).astype(np.float32)
+    x = pre.reshape(1, -1, 1, 1)
+    dy = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    y = np.asarray(jax.nn.silu(jnp.asarray(x)))
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    sums, g = onednn.batch_norm_grad_sums(x, y, dy, one, zero, zero, "silu")
+    p = pre.astype(np.float64)
+    sigmoid = np.exp(-np.logaddexp(0.0, -p))
+    expected = dy * (sigmoid + p * sigmoid * (1 - sigmoid)).reshape(x.shape)
+    np.testing.assert_allclose(g, expected, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(sums[0, 0], expected.sum(), rtol=1e-5)
 
 
 @needs_onednn
@@ -394,7 +416,8 @@ def test_each_device_sums_its_shard_of_the_batch():
     loss = lambda x, scale: (ops.batch_norm(x, scale, bias, 1e-5, "relu")[0] ** 3).sum()
     grads = jax.grad(loss, (0, 1))
     text = compiled_text(grads, sharded, scale)
-    assert "transferlab_onednn_batch_norm_grad_sums" in text and "all-gather" not in text
+    assert "transferlab_onednn_batch_norm_activation_grad_sums" in text
+    assert "all-gather" not in text
     with onednn.disabled():
         expected = jax.jit(jax.grad(lambda x, scale: loss(x, scale), (0, 1)))(x, scale)
     for ours, theirs in zip(jax.jit(grads)(sharded, scale), expected):

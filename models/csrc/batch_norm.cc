@@ -1,11 +1,15 @@
 // The per-channel sums of a training-mode batch norm, each in one pass, as XLA FFI handlers:
 //
-//   BatchNormSums      x[N,...,C]                   -> s[N,2,C]: Σ x, Σ x²
-//   BatchNormGradSums  x, dy[N,...,C], affine[3,C]  -> s[N,2,C]: Σ g, Σ g·(x − mean)
+//   BatchNormSums                x[N,...,C]                  -> s[N,2,C]: Σ x, Σ x²
+//   BatchNormGradSums            x, dy[N,...,C], affine[3,C] -> s[N,2,C]: Σ dy, Σ dy·(x−mean)
+//   BatchNormActivationGradSums  x, y, dy[N,...,C], affine[3,C]
+//                                  -> s[N,2,C]: Σ g, Σ g·(x − mean); g[N,...,C]
 //
-// where, in the gradient, affine = (a, b, mean) with a = scale·rstd, b = bias − mean·a, and
-// g = dy · act'(a·x + b), the gradient at the normalized value of the activation that follows
-// (`activation`: 0 none, 1 relu, 2 relu6, 3 silu, 4 hard_swish), recomputed from x.
+// where affine = (a, b, mean) with a = scale·rstd, b = bias − mean·a, y = act(a·x + b) as the
+// forward pass computed it, and g = dy · act'(a·x + b), the gradient at the normalized value of
+// the activation (`activation`: 1 relu, 2 relu6, 3 silu, 4 hard_swish). SiLU's derivative
+// comes from y, without an exponential (the exponential was 2/3 of this pass on a Zen 1). g
+// is written out for the input's gradient: a streaming pass over x and g then.
 // XLA:CPU reduces each sum in its own pass and materializes g first: 3-4x slower than one pass.
 // Sums run per image (the caller adds the images up, so a mesh can shard the batch) and per
 // chunk of rows on OpenMP's threads, in float over 64 rows, then in double.
@@ -31,19 +35,19 @@ enum Activation : int64_t { kNone, kRelu, kRelu6, kSilu, kHardSwish };
 
 constexpr int64_t kBlockRows = 64;
 
-using transferlab::Exp;
-
-// Written without branches (comparisons as 0 or 1): GCC leaves a select of constants a branch
-// without AVX-512's masks, and the loop scalar (10-20x slower on an AVX2 CPU).
+// act'(pre), given out = act(pre) as the forward pass computed it. Written without branches
+// (comparisons as 0 or 1): GCC leaves a select of constants a branch without AVX-512's masks,
+// and the loop scalar (10-20x slower on an AVX2 CPU).
 template <Activation kAct>
-inline __attribute__((always_inline)) float Derivative(float pre) {
+inline __attribute__((always_inline)) float Derivative(float pre, float out) {
   if constexpr (kAct == kRelu) return static_cast<float>(pre > 0.0f);
   if constexpr (kAct == kRelu6) {
     return static_cast<float>(pre > 0.0f) * static_cast<float>(pre < 6.0f);
   }
-  if constexpr (kAct == kSilu) {
-    const float s = 1.0f / (1.0f + Exp(-pre));
-    return s * (1.0f + pre * (1.0f - s));
+  if constexpr (kAct == kSilu) {  // σ(pre) = out/pre (½ at 0), silu' = σ + out·(1 − σ)
+    const float away = static_cast<float>(std::fabs(pre) > 1e-20f);
+    const float sigmoid = away * out / (pre + (1.0f - away)) + (1.0f - away) * 0.5f;
+    return sigmoid + out * (1.0f - sigmoid);
   }
   if constexpr (kAct == kHardSwish) {  // 0 below -3, 1 above 3, (2·pre + 3)/6 between
     const float inside = static_cast<float>(pre >= -3.0f), above = static_cast<float>(pre > 3.0f);
@@ -58,8 +62,10 @@ struct Rows {
 
 // Adds image n's rows [begin, end) into first[c] and second[c] (double).
 template <Activation kAct, bool kGrad>
-inline __attribute__((always_inline)) void SumRows(const float* x, const float* dy,
-                                                   const float* affine, const Rows& g, int64_t n,
+inline __attribute__((always_inline)) void SumRows(const float* x, const float* y,
+                                                   const float* dy, float* grad_out,
+                                                   const float* affine,
+                                                   const Rows& g, int64_t n,
                                                    int64_t begin, int64_t end, float* acc,
                                                    double* first, double* second) {
   const int64_t c = g.c;
@@ -69,9 +75,12 @@ inline __attribute__((always_inline)) void SumRows(const float* x, const float* 
     for (int64_t r = r0; r < std::min(end, r0 + kBlockRows); ++r) {
       const float* xr = x + (n * g.rows + r) * c;
       if constexpr (kGrad) {
-        const float* dyr = dy + (n * g.rows + r) * c;
+        const int64_t offset = (n * g.rows + r) * c;
+        const float *dyr = dy + offset, *yr = y + offset;
+        float* gr = grad_out + offset;
         for (int64_t k = 0; k < c; ++k) {
-          const float grad = dyr[k] * Derivative<kAct>(a[k] * xr[k] + b[k]);
+          const float grad = dyr[k] * Derivative<kAct>(a[k] * xr[k] + b[k], yr[k]);
+          if constexpr (kAct != kNone) gr[k] = grad;  // else g is dy
           acc[k] += grad;
           acc[c + k] += grad * (xr[k] - mean[k]);
         }
@@ -90,28 +99,32 @@ inline __attribute__((always_inline)) void SumRows(const float* x, const float* 
 }
 
 TRANSFERLAB_VECTOR_CLONES
-void SumChunk(const float* x, const float* dy, const float* affine, int64_t activation,
-              const Rows& g, int64_t n, int64_t begin, int64_t end, double* first,
-              double* second) {
+void SumChunk(const float* x, const float* y, const float* dy, float* grad_out,
+              const float* affine,
+              int64_t activation, const Rows& g, int64_t n, int64_t begin, int64_t end,
+              double* first, double* second) {
   std::vector<float> acc(2 * g.c);
   const auto run = [&](auto act, auto grad) {
-    SumRows<decltype(act)::value, decltype(grad)::value>(x, dy, affine, g, n, begin, end,
-                                                         acc.data(), first, second);
+    SumRows<decltype(act)::value, decltype(grad)::value>(x, y, dy, grad_out, affine, g, n,
+                                                         begin, end, acc.data(), first, second);
   };
   using Stats = std::false_type;
   using Grad = std::true_type;
   switch (dy == nullptr ? -1 : activation) {
     case -1: return run(std::integral_constant<Activation, kNone>(), Stats());
+    case kNone: return run(std::integral_constant<Activation, kNone>(), Grad());
     case kRelu: return run(std::integral_constant<Activation, kRelu>(), Grad());
     case kRelu6: return run(std::integral_constant<Activation, kRelu6>(), Grad());
     case kSilu: return run(std::integral_constant<Activation, kSilu>(), Grad());
     case kHardSwish: return run(std::integral_constant<Activation, kHardSwish>(), Grad());
-    default: return run(std::integral_constant<Activation, kNone>(), Grad());
+    default: return;  // refused by the handler
   }
 }
 
-ffi::Error Sums(const float* x, const float* dy, const float* affine, int64_t activation,
-                ffi::Span<const int64_t> dims, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error Sums(const float* x, const float* y, const float* dy, float* grad_out,
+                const float* affine,
+                int64_t activation, ffi::Span<const int64_t> dims,
+                ffi::ResultBuffer<ffi::F32> out) {
   const int64_t c = dims.back(), n = dims.front();
   int64_t rows = 1;
   for (size_t d = 1; d + 1 < dims.size(); ++d) rows *= dims[d];
@@ -126,7 +139,7 @@ ffi::Error Sums(const float* x, const float* dy, const float* affine, int64_t ac
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t k = 0; k < chunks; ++k) {
       double* p = partial.data() + (i * chunks + k) * 2 * c;
-      SumChunk(x, dy, affine, activation, g, i, k * per_chunk,
+      SumChunk(x, y, dy, grad_out, affine, activation, g, i, k * per_chunk,
                std::min(rows, (k + 1) * per_chunk), p, p + c);
     }
   }
@@ -150,24 +163,43 @@ ffi::Error BatchNormSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32
   if (!SumsShape(x.dimensions(), out->dimensions())) {
     return ffi::Error::InvalidArgument("batch norm sums: wants x[N,...,C] -> s[N,2,C]");
   }
-  return Sums(x.typed_data(), nullptr, nullptr, kNone, x.dimensions(), out);
+  return Sums(x.typed_data(), nullptr, nullptr, nullptr, nullptr, kNone, x.dimensions(), out);
 }
 
-ffi::Error BatchNormGradSumsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                 ffi::Buffer<ffi::F32> affine, ffi::ResultBuffer<ffi::F32> out,
-                                 int64_t activation) {
+bool SameShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y) {
+  return std::equal(x.begin(), x.end(), y.begin(), y.end());
+}
+
+ffi::Error GradSums(ffi::Buffer<ffi::F32> x, const float* y, ffi::Buffer<ffi::F32> dy,
+                    ffi::Buffer<ffi::F32> affine, ffi::ResultBuffer<ffi::F32> out, float* grad_out,
+                    int64_t activation) {
   const auto xd = x.dimensions(), ad = affine.dimensions();
-  if (!SumsShape(xd, out->dimensions()) || !std::equal(xd.begin(), xd.end(),
-                                                       dy.dimensions().begin(),
-                                                       dy.dimensions().end()) ||
-      ad.size() != 2 || ad[0] != 3 || ad[1] != xd.back()) {
+  if (!SumsShape(xd, out->dimensions()) || !SameShapes(xd, dy.dimensions()) || ad.size() != 2 ||
+      ad[0] != 3 || ad[1] != xd.back()) {
     return ffi::Error::InvalidArgument(
         "batch norm gradient sums: wants x, dy[N,...,C], affine[3,C] -> s[N,2,C]");
   }
-  if (activation < kNone || activation > kHardSwish) {
-    return ffi::Error::InvalidArgument("batch norm gradient sums: activation must be 0-4");
+  return Sums(x.typed_data(), y, dy.typed_data(), grad_out, affine.typed_data(), activation, xd,
+              out);
+}
+
+ffi::Error BatchNormGradSumsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                 ffi::Buffer<ffi::F32> affine, ffi::ResultBuffer<ffi::F32> out) {
+  return GradSums(x, nullptr, dy, affine, out, nullptr, kNone);
+}
+
+ffi::Error BatchNormActivationGradSumsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                                           ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> affine,
+                                           ffi::ResultBuffer<ffi::F32> out,
+                                           ffi::ResultBuffer<ffi::F32> grad, int64_t activation) {
+  if (activation < kRelu || activation > kHardSwish) {
+    return ffi::Error::InvalidArgument("batch norm gradient sums: activation must be 1-4");
   }
-  return Sums(x.typed_data(), dy.typed_data(), affine.typed_data(), activation, xd, out);
+  if (!SameShapes(x.dimensions(), y.dimensions()) ||
+      !SameShapes(x.dimensions(), grad->dimensions())) {
+    return ffi::Error::InvalidArgument("batch norm gradient sums: y and g must have x's shape");
+  }
+  return GradSums(x, y.typed_data(), dy, affine, out, grad->typed_data(), activation);
 }
 
 }  // namespace
@@ -181,5 +213,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradSums, BatchNormGradSumsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormActivationGradSums, BatchNormActivationGradSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("activation"));
