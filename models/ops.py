@@ -584,7 +584,7 @@ def _grad_sums(x, y, dy, a, b, mean, activation):
 def _batch_norm_bwd(eps, activation, residuals, cotangents):
     """The gradient in two passes over ``x``: the two sums (and g), then one elementwise loop."""
     x, y, mean, rstd, scale, bias = residuals
-    dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
+    dmean, dvar = (c.astype(jnp.float32) for c in cotangents[1:])
     count = math.prod(x.shape[:-1])
     a, b = _affine(scale, bias, mean, rstd)
     sum_g, sum_gc, g = _grad_sums(x, y, cotangents[0], a, b, mean, activation)
