@@ -64,10 +64,9 @@ struct Rows {
 template <Activation kAct, bool kGrad>
 inline __attribute__((always_inline)) void SumRows(const float* x, const float* y,
                                                    const float* dy, float* grad_out,
-                                                   const float* affine,
-                                                   const Rows& g, int64_t n,
-                                                   int64_t begin, int64_t end, float* acc,
-                                                   double* first, double* second) {
+                                                   const float* affine, const Rows& g,
+                                                   int64_t n, int64_t begin, int64_t end,
+                                                   float* acc, double* first, double* second) {
   const int64_t c = g.c;
   const float *a = affine, *b = affine + c, *mean = affine + 2 * c;
   for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
@@ -76,11 +75,12 @@ inline __attribute__((always_inline)) void SumRows(const float* x, const float* 
       const float* xr = x + (n * g.rows + r) * c;
       if constexpr (kGrad) {
         const int64_t offset = (n * g.rows + r) * c;
-        const float *dyr = dy + offset, *yr = y + offset;
-        float* gr = grad_out + offset;
+        const float* dyr = dy + offset;
         for (int64_t k = 0; k < c; ++k) {
-          const float grad = dyr[k] * Derivative<kAct>(a[k] * xr[k] + b[k], yr[k]);
-          if constexpr (kAct != kNone) gr[k] = grad;  // else g is dy
+          float out = 0.0f;  // y and grad_out are null without an activation: never touched then
+          if constexpr (kAct == kSilu) out = y[offset + k];
+          const float grad = dyr[k] * Derivative<kAct>(a[k] * xr[k] + b[k], out);
+          if constexpr (kAct != kNone) grad_out[offset + k] = grad;  // else g is dy
           acc[k] += grad;
           acc[c + k] += grad * (xr[k] - mean[k]);
         }
@@ -100,9 +100,8 @@ inline __attribute__((always_inline)) void SumRows(const float* x, const float* 
 
 TRANSFERLAB_VECTOR_CLONES
 void SumChunk(const float* x, const float* y, const float* dy, float* grad_out,
-              const float* affine,
-              int64_t activation, const Rows& g, int64_t n, int64_t begin, int64_t end,
-              double* first, double* second) {
+              const float* affine, int64_t activation, const Rows& g, int64_t n,
+              int64_t begin, int64_t end, double* first, double* second) {
   std::vector<float> acc(2 * g.c);
   const auto run = [&](auto act, auto grad) {
     SumRows<decltype(act)::value, decltype(grad)::value>(x, y, dy, grad_out, affine, g, n,
@@ -122,8 +121,7 @@ void SumChunk(const float* x, const float* y, const float* dy, float* grad_out,
 }
 
 ffi::Error Sums(const float* x, const float* y, const float* dy, float* grad_out,
-                const float* affine,
-                int64_t activation, ffi::Span<const int64_t> dims,
+                const float* affine, int64_t activation, ffi::Span<const int64_t> dims,
                 ffi::ResultBuffer<ffi::F32> out) {
   const int64_t c = dims.back(), n = dims.front();
   int64_t rows = 1;
