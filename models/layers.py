@@ -208,7 +208,7 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new + divisor if new < 0.9 * value else new
 
 
-hard_sigmoid, hard_swish, gelu = ops.hard_sigmoid, ops.hard_swish, ops.gelu
+hard_sigmoid, hard_swish, bias_gelu = ops.hard_sigmoid, ops.hard_swish, ops.bias_gelu
 
 
 class SqueezeExcite(nn.Module):

@@ -74,8 +74,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("onednn.cc", "attention.cc", "depthwise_conv.cc",
-                                         "batch_norm.cc", "layer_norm.cc", "max_pool.cc",
-                                         "materialize.cc", "winograd.cc"))
+                                         "batch_norm.cc", "layer_norm.cc", "gelu.cc",
+                                         "max_pool.cc", "materialize.cc", "winograd.cc"))
 MKL_SOURCE = CSRC / "sgemm.cc"  # built where the mkl wheel is installed (``mkl_runtime``)
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardData",
@@ -87,6 +87,7 @@ TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardD
            "max_pool_forward": "MaxPoolForward", "max_pool_backward": "MaxPoolBackward",
            "attention_forward": "AttentionForward", "attention_backward": "AttentionBackward",
            "layer_norm_forward": "LayerNormForward", "layer_norm_backward": "LayerNormBackward",
+           "gelu_backward": "GeluBackward",
            "materialize": "Materialize", "winograd_input": "WinogradInput",
            "winograd_output": "WinogradOutput", "winograd_grad": "WinogradGrad"}
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -541,44 +542,47 @@ def max_pool_backward(x, y, dy, window: tuple[int, int], strides: tuple[int, int
     return _per_image_max_pool_backward(tuple(window), tuple(strides), tuple(pads))(x, y, dy)
 
 
-def _attention_forward_call(qkv):
+def _attention_forward_call(qkv, bias):
     batch, tokens, _, heads, depth = qkv.shape
     results = (jax.ShapeDtypeStruct((batch, tokens, heads, depth), jnp.float32),
                jax.ShapeDtypeStruct((batch, heads, tokens), jnp.float32))
     return jax.ffi.ffi_call("transferlab_onednn_attention_forward", results,
-                            vmap_method="sequential")(qkv)
+                            vmap_method="sequential")(qkv, bias)
 
 
-def _attention_backward_call(qkv, lse, dout):
-    return jax.ffi.ffi_call("transferlab_onednn_attention_backward",
-                            jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
-                            vmap_method="sequential")(qkv, lse, dout)
+def _attention_backward_call(qkv, bias, lse, dout):
+    results = (jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+               jax.ShapeDtypeStruct((qkv.shape[0], *bias.shape), jnp.float32))
+    return jax.ffi.ffi_call("transferlab_onednn_attention_backward", results,
+                            vmap_method="sequential")(qkv, bias, lse, dout)
 
 
-_attention_forward = _per_image(_attention_forward_call, "b t i h d -> b t h d, b h t")
+_attention_forward = _per_image(_attention_forward_call, "b t i h d, i h d -> b t h d, b h t")
 _attention_backward = _per_image(_attention_backward_call,
-                                 "b t i h d, b h t, b t h d -> b t i h d")
+                                 "b t i h d, i h d, b h t, b t h d -> b t i h d, b i h d")
 
 
 @jax.custom_vjp
-def self_attention(qkv):
+def self_attention(qkv, bias):
     """softmax(q·kᵀ/√depth)·v for each image and head of q, k, v = ``qkv[:, :, 0]``,
-    ``qkv[:, :, 1]``, ``qkv[:, :, 2]``, float32 (batch, tokens, 3, heads, depth): the output of
-    one Dense layer with the three kernels side by side, read in place. One task per image and
-    head whose logits stay in cache from their product to the product with v. The gradient
-    (packed likewise, for the product back through that layer) recomputes them, keeping only
-    the log of each softmax's denominator: no (tokens × tokens) array per head goes to memory.
-    A mesh shards the batch."""
-    return _attention_forward(qkv)[0]
+    ``qkv[:, :, 1]``, ``qkv[:, :, 2]`` plus ``bias`` (3, heads, depth), float32 ``qkv`` (batch,
+    tokens, 3, heads, depth): the product of one Dense layer with the three kernels side by
+    side, read in place, the layer's bias added on the way. One task per image and head whose
+    logits stay in cache from their product to the product with v. The gradient (packed
+    likewise, for the product back through that layer, and the bias's from the same pass)
+    recomputes them, keeping only the log of each softmax's denominator: no (tokens × tokens)
+    array per head goes to memory. A mesh shards the batch."""
+    return _attention_forward(qkv, bias)[0]
 
 
-def _self_attention_fwd(qkv):
-    out, lse = _attention_forward(qkv)
-    return out, (qkv, lse)
+def _self_attention_fwd(qkv, bias):
+    out, lse = _attention_forward(qkv, bias)
+    return out, (qkv, bias, lse)
 
 
 def _self_attention_bwd(residuals, dout):
-    return (_attention_backward(*residuals, dout),)
+    dqkv, sums = _attention_backward(*residuals, dout)
+    return dqkv, sums.sum(0)
 
 
 self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
@@ -612,6 +616,23 @@ def layer_norm_backward(x, scale, dy, epsilon: float):
     sums), sums (batch, 2, c) holding each image's Σ dy·x̂ and Σ dy (the scale's and bias's
     gradients, summed over the images), x̂ the normalized x."""
     return _per_image_layer_norm(float(epsilon))[1](x, scale, dy)
+
+
+def _gelu_backward_call(u, y, dy):
+    results = (jax.ShapeDtypeStruct(u.shape, jnp.float32),
+               jax.ShapeDtypeStruct((u.shape[0], u.shape[-1]), jnp.float32))
+    return jax.ffi.ffi_call("transferlab_onednn_gelu_backward", results,
+                            vmap_method="sequential")(u, y, dy)
+
+
+_per_image_gelu_backward = _per_image(_gelu_backward_call, "b r c, b r c, b r c -> b r c, b c")
+
+
+def gelu_backward(u, y, dy):
+    """The exact GELU's gradient at float32 ``u`` (batch, rows, c) given ``dy``, from its
+    output ``y`` and one exponential (``csrc/gelu.cc``): (du, sums), sums (batch, c) holding each
+    image's Σ du over its rows (a bias's gradient, summed over the images)."""
+    return _per_image_gelu_backward(u, y, dy)
 
 
 def _materialize_call(x):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -85,12 +85,12 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_init,
-                                  bias_init=mlp_bias_init, dot_general=ops.dot_general)
         width = x.shape[-1]
-        x = layers.gelu(dense(self.hidden, name="fc1")(x))
+        kernel, bias = Projection((width,), (self.hidden,), mlp_bias_init, name="fc1")()
+        x = layers.bias_gelu(product(x, kernel, self.dtype), bias.astype(self.dtype))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = dense(width, name="fc2")(x)
+        x = nn.Dense(width, dtype=self.dtype, kernel_init=xavier_init, bias_init=mlp_bias_init,
+                     dot_general=ops.dot_general, name="fc2")(x)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
@@ -101,6 +101,7 @@ class Projection(nn.Module):
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self):
@@ -108,20 +109,26 @@ class Projection(nn.Module):
             matrix = (math.prod(self.in_shape), math.prod(self.out_shape))
             return xavier_init(rng, matrix, dtype).reshape(shape)
         return (self.param("kernel", kernel_init, self.in_shape + self.out_shape),
-                self.param("bias", nn.initializers.zeros, self.out_shape))
+                self.param("bias", self.bias_init, self.out_shape))
+
+
+def product(x, kernel, dtype):
+    """x·kernel over x's last axis, for a (fan-in, fan-out) ``kernel``."""
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    return ops.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def dense(x, kernel, bias, dtype):
     """x·kernel + bias over x's last axis, for a (fan-in, fan-out) ``kernel``."""
-    x, kernel, bias = (v.astype(dtype) for v in (x, kernel, bias))
-    return ops.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    return product(x, kernel, dtype) + bias.astype(dtype)
 
 
 class SelfAttention(nn.Module):
     """Flax's ``MultiHeadDotProductAttention`` as a ViT applies it (self-attention, no mask),
     with its variables (``query``, ``key``, ``value``, ``out``: kernel and bias), but q, k and v
     from one product with their kernels side by side, which ``ops.self_attention`` reads in
-    place: one product each way instead of three, and no copies between them.
+    place, adding the biases on the way: one product each way instead of three, and no copies
+    or bias pass between them.
 
     With ``class_token_only``, only the first token (the class token) queries: the output is
     that token's alone, and q is computed for it alone."""
@@ -138,18 +145,20 @@ class SelfAttention(nn.Module):
         kernels, biases = zip(*(Projection((width,), heads, name=name)()
                                 for name in ("query", "key", "value")))
         first = 1 if self.class_token_only else 0  # then q is the class token's alone
-        projected = dense(
+        projected = product(
             x, jnp.concatenate([k.reshape(width, -1) for k in kernels[first:]], axis=1),
-            jnp.concatenate([b.reshape(-1) for b in biases[first:]]), self.dtype)
-        qkv = projected.reshape(*x.shape[:-1], 3 - first, *heads)
+            self.dtype).reshape(*x.shape[:-1], 3 - first, *heads)
+        bias = jnp.stack(biases[first:]).astype(self.dtype)
         if self.class_token_only:
             query = dense(x[:, :1], kernels[0].reshape(width, -1), biases[0].reshape(-1),
                           self.dtype).reshape(x.shape[0], 1, *heads)
-            y = self.attend(query, qkv[:, :, 0], qkv[:, :, 1], train)
+            kv = projected + bias
+            y = self.attend(query, kv[:, :, 0], kv[:, :, 1], train)
         elif train and self.dropout_rate > 0.0:
+            qkv = projected + bias
             y = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], train)
         else:
-            y = ops.self_attention(qkv)
+            y = ops.self_attention(projected, bias)
         kernel, bias = Projection(heads, (width,), name="out")()
         return dense(y.reshape(*y.shape[:2], width), kernel.reshape(-1, width), bias, self.dtype)
 

@@ -1,6 +1,7 @@
 """oneDNN convolutions and matrix products, and the batch norm's native sums, through XLA's FFI
 against XLA's own, alone, under jit over a sharded mesh, and inside a model's train step."""
 
+import math
 import os
 import platform
 import re
@@ -232,42 +233,52 @@ def test_resnet_train_step_gradients_equal_xlas(winograd):
 
 
 def unpacked(attention):
-    """``attention`` of q, k, v (batch, tokens, heads, depth) as a function of qkv."""
-    return lambda qkv: attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    """``attention`` of q, k, v (batch, tokens, heads, depth) as a function of qkv and its
+    bias."""
+    return lambda qkv, bias: attention(*(qkv + bias).transpose(2, 0, 1, 3, 4))
+
+
+def qkv_and_bias(shape, scale=1.0):
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(scale * rng.standard_normal(shape), jnp.float32),
+            jnp.asarray(scale * rng.standard_normal(shape[2:]), jnp.float32))
 
 
 @needs_onednn
 @pytest.mark.parametrize("shape,scale", [((2, 17, 3, 3, 8), 1), ((1, 197, 3, 6, 64), 1),
                                          ((1, 197, 3, 6, 64), 6)])  # logits past e^x's range
 def test_attention_runs_onednns_fast_kernels_with_jaxs_values_and_gradients(shape, scale):
-    qkv = jnp.asarray(scale * np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    qkv, bias = qkv_and_bias(shape, scale)
     assert_same_values_and_gradients(ops.self_attention, unpacked(jax.nn.dot_product_attention),
-                                     qkv, atol=1e-5 * scale ** 3)
+                                     qkv, bias, atol=1e-5 * scale ** 3,
+                                     grad_atol=5e-5 * scale ** 3)  # the bias's: sums of 197
     kernels = {kernel for kind, kernel in onednn.implementations() if kind == "attention"}
     assert kernels and not any(kernel.startswith("ref") for kernel in kernels), kernels
 
 
 @needs_onednn
 def test_attention_is_one_call_each_way_and_keeps_no_tokens_by_tokens_array():
-    grad = jax.grad(lambda qkv: (ops.self_attention(qkv) ** 2).sum())
-    text = compiled_text(grad, jnp.ones((2, 17, 3, 3, 8)))
+    grad = jax.grad(lambda qkv, bias: (ops.self_attention(qkv, bias) ** 2).sum(), (0, 1))
+    text = compiled_text(grad, jnp.ones((2, 17, 3, 3, 8)), jnp.ones((3, 3, 8)))
     assert (text.count("transferlab_onednn_attention_forward"),
             text.count("transferlab_onednn_attention_backward")) == (1, 1)
     assert "17,17]" not in text and "matmul" not in text and "sgemm" not in text
+    assert not re.search(r"f32\[3,3,8\]\S* reduce\(f32\[2,17,3,3,8\]", text)  # the bias's
 
 
 @needs_onednn
 def test_each_device_attends_within_its_shard_of_the_batch():
-    qkv = jnp.asarray(np.random.default_rng(0).standard_normal((8, 5, 3, 2, 4)), jnp.float32)
+    qkv, bias = qkv_and_bias((8, 5, 3, 2, 4))
     sharded = split_over_devices(qkv)
-    loss = lambda attention: lambda qkv: (attention(qkv) ** 2).sum()
-    grad = jax.grad(loss(onednn.self_attention))
-    text = compiled_text(grad, sharded)
+    loss = lambda attention: lambda qkv, bias: (attention(qkv, bias) ** 2).sum()
+    grad = jax.grad(loss(onednn.self_attention), (0, 1))
+    text = compiled_text(grad, sharded, bias)
     assert "transferlab_onednn_attention_backward" in text and "all-gather" not in text
-    ours = jax.jit(grad)(sharded)
-    assert ours.sharding.spec[0] == "data"
-    theirs = jax.grad(loss(unpacked(jax.nn.dot_product_attention)))(qkv)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours = jax.jit(grad)(sharded, bias)
+    assert ours[0].sharding.spec[0] == "data"
+    theirs = jax.grad(loss(unpacked(jax.nn.dot_product_attention)), (0, 1))(qkv, bias)
+    for got, expected, atol in zip(ours, theirs, (1e-5, 1e-4)):  # the bias's: sums of 40
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=atol)
 
 
 def product_target() -> str:
@@ -348,6 +359,43 @@ def test_each_device_normalizes_its_shard_of_the_batch():
         expected = jax.jit(jax.grad(lambda *a: loss(*a), (0, 1, 2)))(x, scale, bias)
     for ours, theirs in zip(jax.jit(grads)(sharded, scale, bias), expected):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def exact_gelu_gradient(u, dy):
+    """The exact GELU's gradient at u given dy, in float64."""
+    u = u.astype(np.float64)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(u / math.sqrt(2.0)))
+    return dy * (cdf + u * np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi))
+
+
+@needs_onednn
+def test_native_gelu_gradient_from_the_output_equals_float64s():
+    u = np.linspace(-15.0, 15.0, 2 * 301 * 5, dtype=np.float32).reshape(2, 301, 5)
+    u[0, 0] = [0.0, -1e-30, 1e-30, -3e38, 3e38]
+    dy = np.random.default_rng(0).standard_normal(u.shape).astype(np.float32)
+    y = ops.gelu(jnp.asarray(u))
+    du, sums = jax.jit(onednn.gelu_backward)(jnp.asarray(u), y, jnp.asarray(dy))
+    expected = exact_gelu_gradient(u, dy)
+    np.testing.assert_allclose(du, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sums, expected.sum(1), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_bias_gelu_gradient_is_one_native_pass_and_each_device_takes_its_shard():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 5, 6)), jnp.float32)
+    bias = jnp.linspace(-1.0, 1.0, 6)
+    loss = lambda x, bias: (ops.bias_gelu(x, bias) ** 2).sum()
+    grads = jax.grad(loss, (0, 1))
+    text = compiled_text(grads, split_over_devices(x), bias)
+    assert text.count("transferlab_onednn_gelu_backward") == 1 and "all-gather" not in text
+    forward = compiled_text(lambda x, bias: ops.bias_gelu(x, bias).sum(), x, bias)
+    assert text.count(" erf(") == forward.count(" erf(") > 0  # the gradient computes none
+    ours = jax.jit(grads)(split_over_devices(x), bias)
+    assert ours[0].sharding.spec[0] == "data"
+    expected = jax.grad(lambda x, bias: (ops.gelu(x + bias) ** 2).sum(), (0, 1))(x, bias)
+    for got, theirs in zip(ours, expected):
+        np.testing.assert_allclose(got, theirs, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

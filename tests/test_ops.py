@@ -279,8 +279,11 @@ def test_layer_norm_equals_flaxs_with_its_variables_and_gradients(shape, kernels
 
 
 def test_self_attention_and_its_gradients_equal_jaxs():
-    qkv = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 3, 3, 4)), jnp.float32)
+    rng = np.random.default_rng(0)
+    qkv = jnp.asarray(rng.standard_normal((2, 7, 3, 3, 4)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((3, 3, 4)), jnp.float32)
     with onednn.disabled():  # XLA's products (test_onednn checks oneDNN's)
         assert_same_values_and_gradients(
             ops.self_attention,
-            lambda qkv: jax.nn.dot_product_attention(*qkv.transpose(2, 0, 1, 3, 4)), qkv)
+            lambda qkv, bias: jax.nn.dot_product_attention(*(qkv + bias).transpose(2, 0, 1, 3, 4)),
+            qkv, bias)

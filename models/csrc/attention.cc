@@ -1,11 +1,13 @@
 // Multi-head self-attention (no mask, no dropout), float32, as XLA FFI handlers:
 //
-//   AttentionForward   qkv[B,T,3,H,D]          -> o[B,T,H,D], lse[B,H,T]
-//   AttentionBackward  qkv, lse, do[B,T,H,D]   -> dqkv[B,T,3,H,D]
+//   AttentionForward   qkv[B,T,3,H,D], bias[3,H,D]              -> o[B,T,H,D], lse[B,H,T]
+//   AttentionBackward  qkv, bias, lse, do[B,T,H,D]              -> dqkv[B,T,3,H,D],
+//                                                                  sums[B,3,H,D]
 //
 // o = p·v with p = softmax(q·kᵀ/√D) for each image and head, q, k and v read in place from
-// the one array a Dense layer with the three kernels side by side writes (and their gradients
-// written likewise, for the product back through those kernels); lse is the log of each
+// the one array a Dense layer with the three kernels side by side writes, their biases added
+// on the way (and their gradients written likewise, for the product back through those
+// kernels, with each image's Σ over its tokens: the biases' gradients); lse is the log of each
 // softmax's denominator (with its maximum), from which the gradient recomputes p: no T×T
 // array goes to memory. Each (image, head) is one task on OpenMP's threads, its T×T arrays in
 // the core's cache from one product to the next: the gradient's dv = pᵀ·do, dp = do·vᵀ,
@@ -134,27 +136,47 @@ void Gather(const float* head, int64_t rows, int64_t depth, int64_t stride, floa
   for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * depth, head + r * stride, depth * 4);
 }
 
+// Gather's copy, plus a depth-long bias to each row.
+void GatherBiased(const float* head, const float* bias, int64_t rows, int64_t depth,
+                  int64_t stride, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < depth; ++c) out[r * depth + c] = head[r * stride + c] + bias[c];
+  }
+}
+
+// The sum of a contiguous rows × depth buffer's rows.
+void SumRows(const float* in, int64_t rows, int64_t depth, float* out) {
+  std::fill(out, out + depth, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < depth; ++c) out[c] += in[r * depth + c];
+  }
+}
+
 void Scatter(const float* in, int64_t rows, int64_t depth, int64_t stride, float* head) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(head + r * stride, in + r * depth, depth * 4);
 }
 
 // Where head j of image i starts: its q in qkv (k and v follow, `width` = H·D apart; rows
-// `3·width` apart) and in dqkv, its o in o and do (rows `width` apart), and its lse.
+// `3·width` apart) and in dqkv, its q's bias (k's and v's follow, `width` apart), its sums
+// (likewise, in image i's), its o in o and do (rows `width` apart), and its lse.
 struct Head {
-  int64_t width, qkv, o, lse;
+  int64_t width, qkv, bias, sums, o, lse;
 };
 
 Head HeadAt(const Heads& x, int64_t i, int64_t j) {
   const int64_t width = x.h * x.d;
-  return {width, i * x.t * 3 * width + j * x.d, i * x.t * width + j * x.d, (i * x.h + j) * x.t};
+  return {width, i * x.t * 3 * width + j * x.d, j * x.d, i * 3 * width + j * x.d,
+          i * x.t * width + j * x.d, (i * x.h + j) * x.t};
 }
 
-// The head's rows of q, k and v, copied into the worker's contiguous buffers.
-void GatherQkv(const Heads& x, const Head& at, const float* qkv, Worker& w) {
-  const float* q = qkv + at.qkv;
-  Gather(q, x.t, x.d, 3 * at.width, w.q.data());
-  Gather(q + at.width, x.t, x.d, 3 * at.width, w.k.data());
-  Gather(q + 2 * at.width, x.t, x.d, 3 * at.width, w.v.data());
+// The head's rows of q, k and v, their biases added, in the worker's contiguous buffers.
+void GatherQkv(const Heads& x, const Head& at, const float* qkv, const float* bias, Worker& w) {
+  const float *q = qkv + at.qkv, *b = bias + at.bias;
+  GatherBiased(q, b, x.t, x.d, 3 * at.width, w.q.data());
+  GatherBiased(q + at.width, b + at.width, x.t, x.d, 3 * at.width, w.k.data());
+  GatherBiased(q + 2 * at.width, b + 2 * at.width, x.t, x.d, 3 * at.width, w.v.data());
 }
 
 // Each row of `p` (rows × cols) replaced by softmax(scale · row), the log of whose denominator
@@ -234,31 +256,32 @@ bool HeadsOf(ffi::Span<const int64_t> qkv, Heads& x) {
   return true;
 }
 
-// Whether `o` is qkv's [B,T,H,D] (the attention's output, or its gradient) and `lse` its
-// [B,H,T].
-bool FitsQkv(ffi::Span<const int64_t> qkv, ffi::Span<const int64_t> o,
-             ffi::Span<const int64_t> lse) {
+// Whether `o` is qkv's [B,T,H,D] (the attention's output, or its gradient), `lse` its
+// [B,H,T] and `bias` its [3,H,D].
+bool FitsQkv(ffi::Span<const int64_t> qkv, ffi::Span<const int64_t> bias,
+             ffi::Span<const int64_t> o, ffi::Span<const int64_t> lse) {
   const int64_t b = qkv[0], t = qkv[1], h = qkv[3], d = qkv[4];
   return o.size() == 4 && o[0] == b && o[1] == t && o[2] == h && o[3] == d && lse.size() == 3 &&
-         lse[0] == b && lse[1] == h && lse[2] == t;
+         lse[0] == b && lse[1] == h && lse[2] == t &&
+         std::equal(bias.begin(), bias.end(), qkv.begin() + 2, qkv.end());
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error Forward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   Heads x;
-  if (!HeadsOf(qkv.dimensions(), x) || !FitsQkv(qkv.dimensions(), o->dimensions(),
-                                                lse->dimensions())) {
+  if (!HeadsOf(qkv.dimensions(), x) ||
+      !FitsQkv(qkv.dimensions(), bias.dimensions(), o->dimensions(), lse->dimensions())) {
     return ffi::Error::InvalidArgument(
-        "attention: wants qkv[B,T,3,H,D] -> o[B,T,H,D], lse[B,H,T]");
+        "attention: wants qkv[B,T,3,H,D], bias[3,H,D] -> o[B,T,H,D], lse[B,H,T]");
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(x.d));
-  const float* in = qkv.typed_data();
+  const float *in = qkv.typed_data(), *biases = bias.typed_data();
   float *od = o->typed_data(), *lsed = lse->typed_data();
   return ForEachHead("attention: ", qkv.dimensions()[0], x,
                      [&](const Products& m, Worker& w, int64_t i, int64_t j) {
     const Head at = HeadAt(x, i, j);
     float* p = w.probabilities.data();
-    GatherQkv(x, at, in, w);
+    GatherQkv(x, at, in, biases, w);
     Multiply(m.scores, w, w.q.data(), w.k.data(), p);
     SoftmaxRows(p, lsed + at.lse, x.t, x.t, scale);
     Multiply(m.mix, w, p, w.v.data(), w.out.data());
@@ -266,24 +289,31 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> o,
   });
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv) {
+ffi::Error Backward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dqkv, ffi::ResultBuffer<ffi::F32> sums) {
   Heads x;
   const auto dims = qkv.dimensions(), grad_dims = dqkv->dimensions();
-  if (!HeadsOf(dims, x) || !FitsQkv(dims, dout.dimensions(), lse.dimensions()) ||
-      !std::equal(dims.begin(), dims.end(), grad_dims.begin(), grad_dims.end())) {
+  const auto sum_dims = sums->dimensions();
+  if (!HeadsOf(dims, x) ||
+      !FitsQkv(dims, bias.dimensions(), dout.dimensions(), lse.dimensions()) ||
+      !std::equal(dims.begin(), dims.end(), grad_dims.begin(), grad_dims.end()) ||
+      sum_dims.size() != 4 || sum_dims[0] != dims[0] ||
+      !std::equal(sum_dims.begin() + 1, sum_dims.end(), dims.begin() + 2, dims.end())) {
     return ffi::Error::InvalidArgument(
-        "attention gradient: wants qkv[B,T,3,H,D], lse[B,H,T], do[B,T,H,D] -> dqkv[B,T,3,H,D]");
+        "attention gradient: wants qkv[B,T,3,H,D], bias[3,H,D], lse[B,H,T], do[B,T,H,D] -> "
+        "dqkv[B,T,3,H,D], sums[B,3,H,D]");
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(x.d));
-  const float *in = qkv.typed_data(), *lsed = lse.typed_data(), *dod = dout.typed_data();
-  float* grads = dqkv->typed_data();
+  const float *in = qkv.typed_data(), *biases = bias.typed_data(), *lsed = lse.typed_data(),
+              *dod = dout.typed_data();
+  float *grads = dqkv->typed_data(), *bias_grads = sums->typed_data();
   return ForEachHead("attention gradient: ", dims[0], x,
                      [&](const Products& m, Worker& w, int64_t i, int64_t j) {
     const Head at = HeadAt(x, i, j);
     float *p = w.probabilities.data(), *grad = w.grad.data(), *qc = w.q.data(), *kc = w.k.data(),
           *vc = w.v.data(), *doc = w.dout.data();
-    GatherQkv(x, at, in, w);
+    GatherQkv(x, at, in, biases, w);
     Gather(dod + at.o, x.t, x.d, at.width, doc);
     Multiply(m.scores, w, qc, kc, p);
     ProbabilityRows(p, lsed + at.lse, x.t, x.t, scale);
@@ -292,10 +322,12 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> lse,
     SoftmaxGradRows(p, grad, x.t, x.t, scale);
     Multiply(m.mix, w, grad, kc, w.dq.data());
     Multiply(m.mix_transposed, w, grad, qc, w.dk.data());
-    float* dq = grads + at.qkv;
-    Scatter(w.dq.data(), x.t, x.d, 3 * at.width, dq);
-    Scatter(w.dk.data(), x.t, x.d, 3 * at.width, dq + at.width);
-    Scatter(w.dv.data(), x.t, x.d, 3 * at.width, dq + 2 * at.width);
+    float *dq = grads + at.qkv, *dq_sum = bias_grads + at.sums;
+    const float* results[] = {w.dq.data(), w.dk.data(), w.dv.data()};
+    for (int part = 0; part < 3; ++part) {
+      Scatter(results[part], x.t, x.d, 3 * at.width, dq + part * at.width);
+      SumRows(results[part], x.t, x.d, dq_sum + part * at.width);
+    }
   });
 }
 
@@ -319,6 +351,7 @@ std::string AttentionImplementations() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
@@ -326,4 +359,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

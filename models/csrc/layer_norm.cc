@@ -13,21 +13,20 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
-#include <vector>
 
 #include <omp.h>
 
 #include "openmp_lock.h"
+#include "row_chunks.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using transferlab::Rows;
+using transferlab::RowsOf;
+using transferlab::SameDims;
 
 namespace {
-
-struct Rows {
-  int64_t images, rows, c;  // rows per image, values per row
-};
 
 // The mean and 1/√(var + epsilon) of one row (two passes: the row is in L1).
 __attribute__((always_inline)) inline void Statistics(const float* x, int64_t c, float epsilon,
@@ -82,24 +81,8 @@ void GradientRows(const float* x, const float* scale, const float* dy, float* dx
   }
 }
 
-Rows RowsOf(ffi::Span<const int64_t> dims) {
-  int64_t rows = 1;
-  for (size_t d = 1; d + 1 < dims.size(); ++d) rows *= dims[d];
-  return {dims.front(), rows, dims.back()};
-}
-
-// Chunks of an image's rows: enough for every thread, each of at least 64 rows.
-int64_t ChunksPerImage(const Rows& r) {
-  const int64_t wanted = (4 * omp_get_max_threads() + r.images - 1) / r.images;
-  return std::max<int64_t>(1, std::min(wanted, r.rows / 64));
-}
-
 bool Fits(ffi::Span<const int64_t> x, ffi::Span<const int64_t> vector) {
   return x.size() >= 2 && vector.size() == 1 && vector[0] == x.back();
-}
-
-bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  return std::equal(a.begin(), a.end(), b.begin(), b.end());
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
@@ -128,26 +111,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
         "layer norm gradient: wants x, dy[N,...,C], scale[C] -> dx[N,...,C], sums[N,2,C]");
   }
   const Rows r = RowsOf(xd);
-  const int64_t chunks = ChunksPerImage(r), per_chunk = (r.rows + chunks - 1) / chunks;
-  std::vector<float> partial(r.images * chunks * 2 * r.c, 0.0f);
-  std::lock_guard<std::mutex> lock(transferlab::OpenMpLock());
-#pragma omp parallel for collapse(2) schedule(dynamic)
-  for (int64_t i = 0; i < r.images; ++i) {
-    for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t begin = i * r.rows + k * per_chunk;
-      const int64_t end = i * r.rows + std::min(r.rows, (k + 1) * per_chunk);
-      GradientRows(x.typed_data(), scale.typed_data(), dy.typed_data(), dx->typed_data(),
-                   partial.data() + (i * chunks + k) * 2 * r.c, begin, end, r.c, epsilon);
-    }
-  }
-  float* out = sums->typed_data();
-  for (int64_t i = 0; i < r.images; ++i) {
-    for (int64_t j = 0; j < 2 * r.c; ++j) {
-      float total = 0.0f;
-      for (int64_t k = 0; k < chunks; ++k) total += partial[(i * chunks + k) * 2 * r.c + j];
-      out[i * 2 * r.c + j] = total;
-    }
-  }
+  transferlab::PerImageSums(r, 2 * r.c, sums->typed_data(),
+                            [&](int64_t begin, int64_t end, float* partial) {
+    GradientRows(x.typed_data(), scale.typed_data(), dy.typed_data(), dx->typed_data(), partial,
+                 begin, end, r.c, epsilon);
+  });
   return ffi::Error::Success();
 }
 
