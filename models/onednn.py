@@ -16,8 +16,8 @@ run; 5-30% faster than oneDNN 2.6's matmul on ViT-S/16's shapes on a Xeon), else
 matmul (1.11–1.26× MKL's speed on an AMD EPYC).
 ``self_attention`` runs multi-head self-attention per image and head with the logits in cache,
 from their product through the softmax to the product with the values (``csrc/attention.cc``),
-reading q, k and v packed as one Dense layer writes them, and keeps no (tokens × tokens) array
-for the gradient.
+reading q, k and v packed as one Dense layer's product writes them, adding that layer's bias,
+and keeps no (tokens × tokens) array for the gradient.
 
 ``available()`` says whether the library loaded; where it did not (no oneDNN, no compiler),
 ``models.ops`` keeps XLA's convolutions and products, and ``unavailable_reason()`` says why.
@@ -33,7 +33,8 @@ project's own too (``csrc/batch_norm.cc``): each pair in one pass over the activ
 (a mesh shards the batch), where XLA takes a pass per sum and materializes the gradient first.
 
 So are a layer norm's forward and backward passes (``layer_norm``, ``layer_norm_backward``,
-``csrc/layer_norm.cc``), one pass over memory each, and max pooling (``max_pool``, 4.7× faster
+``csrc/layer_norm.cc``), one pass over memory each, the exact GELU's gradient with its bias's
+(``gelu_backward``, ``csrc/gelu.cc``), and max pooling (``max_pool``, 4.7× faster
 than XLA's reduce-window on ResNet's stem) and its gradient (``max_pool_backward``,
 ``csrc/max_pool.cc``), 5× faster than XLA's formulation of it.
 ``materialize`` computes nothing: it makes XLA write a value once for all its consumers.

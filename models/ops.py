@@ -20,9 +20,10 @@ without first copying the output gradient transposed.
 
 Self-attention (``self_attention``) runs for float32 with oneDNN as
 ``onednn.self_attention``: one task per image and head, its logits in cache from the first
-product to the second;
-otherwise as two batched matrix products over (batch × heads) with the softmax between them,
-where XLA fuses ``jax.nn``'s formulation into one slower kernel.
+product to the second, the q, k, v projection's bias added on the way and its gradient summed
+in the same tasks; otherwise as two batched matrix products over (batch × heads) with the
+softmax between them, where XLA fuses ``jax.nn``'s formulation into one slower kernel. A Dense
+layer's bias and GELU (``bias_gelu``) take their gradient in one native pass, Φ from the output.
 
 A strided convolution's input gradient is, for each phase of the stride, a stride-1
 convolution of the output gradient with the taps that reach that phase; XLA instead
