@@ -17,7 +17,7 @@ matmul (1.11–1.26× MKL's speed on an AMD EPYC).
 ``self_attention`` runs multi-head self-attention per image and head with the logits in cache,
 from their product through the softmax to the product with the values (``csrc/attention.cc``),
 reading q, k and v packed as one Dense layer's product writes them, adding that layer's bias,
-and keeps no (tokens × tokens) array for the gradient.
+and keeps each head's probabilities for the gradient, which recomputes none of the forward's.
 
 ``available()`` says whether the library loaded; where it did not (no oneDNN, no compiler),
 ``models.ops`` keeps XLA's convolutions and products, and ``unavailable_reason()`` says why.
@@ -546,21 +546,22 @@ def max_pool_backward(x, y, dy, window: tuple[int, int], strides: tuple[int, int
 def _attention_forward_call(qkv, bias):
     batch, tokens, _, heads, depth = qkv.shape
     results = (jax.ShapeDtypeStruct((batch, tokens, heads, depth), jnp.float32),
-               jax.ShapeDtypeStruct((batch, heads, tokens), jnp.float32))
+               jax.ShapeDtypeStruct((batch, heads, tokens, tokens), jnp.float32))
     return jax.ffi.ffi_call("transferlab_onednn_attention_forward", results,
                             vmap_method="sequential")(qkv, bias)
 
 
-def _attention_backward_call(qkv, bias, lse, dout):
+def _attention_backward_call(qkv, bias, probabilities, dout):
     results = (jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
                jax.ShapeDtypeStruct((qkv.shape[0], *bias.shape), jnp.float32))
     return jax.ffi.ffi_call("transferlab_onednn_attention_backward", results,
-                            vmap_method="sequential")(qkv, bias, lse, dout)
+                            vmap_method="sequential")(qkv, bias, probabilities, dout)
 
 
-_attention_forward = _per_image(_attention_forward_call, "b t i h d, i h d -> b t h d, b h t")
+_attention_forward = _per_image(_attention_forward_call,
+                                "b t i h d, i h d -> b t h d, b h t s")
 _attention_backward = _per_image(_attention_backward_call,
-                                 "b t i h d, i h d, b h t, b t h d -> b t i h d, b i h d")
+                                 "b t i h d, i h d, b h t s, b t h d -> b t i h d, b i h d")
 
 
 @jax.custom_vjp
@@ -569,16 +570,16 @@ def self_attention(qkv, bias):
     ``qkv[:, :, 1]``, ``qkv[:, :, 2]`` plus ``bias`` (3, heads, depth), float32 ``qkv`` (batch,
     tokens, 3, heads, depth): the product of one Dense layer with the three kernels side by
     side, read in place, the layer's bias added on the way. One task per image and head whose
-    logits stay in cache from their product to the product with v. The gradient (packed
-    likewise, for the product back through that layer, and the bias's from the same pass)
-    recomputes them, keeping only the log of each softmax's denominator: no (tokens × tokens)
-    array per head goes to memory. A mesh shards the batch."""
+    logits stay in cache from their product to the product with v. Each head's probabilities
+    (tokens × tokens) go to memory once, for the gradient (packed like qkv, for the product
+    back through that layer, and the bias's from the same pass), which then recomputes neither
+    the logits nor their exponentials. A mesh shards the batch."""
     return _attention_forward(qkv, bias)[0]
 
 
 def _self_attention_fwd(qkv, bias):
-    out, lse = _attention_forward(qkv, bias)
-    return out, (qkv, bias, lse)
+    out, probabilities = _attention_forward(qkv, bias)
+    return out, (qkv, bias, probabilities)
 
 
 def _self_attention_bwd(residuals, dout):
@@ -619,21 +620,23 @@ def layer_norm_backward(x, scale, dy, epsilon: float):
     return _per_image_layer_norm(float(epsilon))[1](x, scale, dy)
 
 
-def _gelu_backward_call(u, y, dy):
-    results = (jax.ShapeDtypeStruct(u.shape, jnp.float32),
-               jax.ShapeDtypeStruct((u.shape[0], u.shape[-1]), jnp.float32))
+def _gelu_backward_call(x, bias, y, dy):
+    results = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+               jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32))
     return jax.ffi.ffi_call("transferlab_onednn_gelu_backward", results,
-                            vmap_method="sequential")(u, y, dy)
+                            vmap_method="sequential")(x, bias, y, dy)
 
 
-_per_image_gelu_backward = _per_image(_gelu_backward_call, "b r c, b r c, b r c -> b r c, b c")
+_per_image_gelu_backward = _per_image(_gelu_backward_call,
+                                      "b r c, c, b r c, b r c -> b r c, b c")
 
 
-def gelu_backward(u, y, dy):
-    """The exact GELU's gradient at float32 ``u`` (batch, rows, c) given ``dy``, from its
-    output ``y`` and one exponential (``csrc/gelu.cc``): (du, sums), sums (batch, c) holding each
-    image's Σ du over its rows (a bias's gradient, summed over the images)."""
-    return _per_image_gelu_backward(u, y, dy)
+def gelu_backward(x, bias, y, dy):
+    """The gradient of the exact GELU of ``x + bias`` (float32 ``x`` (batch, rows, c), ``bias``
+    (c)) given ``dy``, from its output ``y`` and one exponential (``csrc/gelu.cc``): (du,
+    sums), sums (batch, c) holding each image's Σ du over its rows (the bias's gradient, summed
+    over the images)."""
+    return _per_image_gelu_backward(x, bias, y, dy)
 
 
 def _materialize_call(x):

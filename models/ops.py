@@ -511,15 +511,14 @@ def _native_bias_gelu(x, bias):
 
 
 def _native_bias_gelu_fwd(x, bias):
-    u = x + bias
-    y = gelu(u)
-    return y, (u, y)
+    y = gelu(x + bias)
+    return y, (x, bias, y)
 
 
 def _native_bias_gelu_bwd(residuals, dy):
-    u, y = residuals
-    du, sums = onednn.gelu_backward(_as_rows(u), _as_rows(y), _as_rows(dy))
-    return du.reshape(u.shape), sums.sum(0)
+    x, bias, y = residuals
+    du, sums = onednn.gelu_backward(_as_rows(x), bias, _as_rows(y), _as_rows(dy))
+    return du.reshape(x.shape), sums.sum(0)
 
 
 _native_bias_gelu.defvjp(_native_bias_gelu_fwd, _native_bias_gelu_bwd)
