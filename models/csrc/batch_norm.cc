@@ -45,8 +45,7 @@ inline __attribute__((always_inline)) float Derivative(float pre, float out) {
     return static_cast<float>(pre > 0.0f) * static_cast<float>(pre < 6.0f);
   }
   if constexpr (kAct == kSilu) {  // σ(pre) = out/pre (½ at 0), silu' = σ + out·(1 − σ)
-    const float away = static_cast<float>(std::fabs(pre) > 1e-20f);
-    const float sigmoid = away * out / (pre + (1.0f - away)) + (1.0f - away) * 0.5f;
+    const float sigmoid = transferlab::GateFromOutput(out, pre);
     return sigmoid + out * (1.0f - sigmoid);
   }
   if constexpr (kAct == kHardSwish) {  // 0 below -3, 1 above 3, (2·pre + 3)/6 between

@@ -29,8 +29,7 @@ void GradientRows(const float* x, const float* bias, const float* y, const float
   for (int64_t i = begin * c; i < end * c; i += c) {
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
-      const float pre = x[i + j] + bias[j], away = static_cast<float>(std::fabs(pre) > 1e-20f);
-      const float cdf = away * y[i + j] / (pre + (1.0f - away)) + (1.0f - away) * 0.5f;
+      const float pre = x[i + j] + bias[j], cdf = transferlab::GateFromOutput(y[i + j], pre);
       // φ is 0 past |u| = 13 (below e⁻⁸⁴): Exp's clamp at e⁻⁸⁷ would leave u·φ(u) far from 0
       // for huge u.
       const float near = static_cast<float>(std::fabs(pre) < 13.0f);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -25,6 +26,13 @@ inline float Exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+
+// f(pre) recovered from an activation's output y = pre·f(pre): y/pre, and ½ where |pre| ≤ 1e-20
+// (the sigmoid's and Φ's value at 0), branch-free.
+inline float GateFromOutput(float y, float pre) {
+  const float away = static_cast<float>(std::fabs(pre) > 1e-20f);
+  return away * y / (pre + (1.0f - away)) + (1.0f - away) * 0.5f;
 }
 
 }  // namespace transferlab
