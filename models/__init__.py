@@ -1,6 +1,6 @@
 """transferlab's model zoo: ``create``, ``list_models`` and one module per family."""
 
-from models import ops
+from models.cpu import dispatch as ops
 
 ops.set_cpu_defaults()
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import ops
+from models.cpu import dispatch as ops
 
 Dtype = Any
 Activation = Callable[[jax.Array], jax.Array]

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import models
-from models import onednn
+from models.cpu import native as onednn
 from research import (checkpoints, data, freeze, optim, prefix_cache, preprocess, pretrained,
                       tree)
 from research.errors import ConfigError

@@ -18,7 +18,8 @@ Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``
 ``ratio``, …) and ``bench.md``.
 """
 
-from scripts import buffer_cache, common
+from models.cpu import buffer_cache
+from scripts import common
 
 common.set_cpu_defaults()
 
@@ -383,7 +384,7 @@ def freeze_sweep(freeze_model: str, batch: int, size: int, steps: int, record) -
 
 def processor() -> str:
     """The CPU's model name and generation (``/proc/cpuinfo``), else what ``platform`` says."""
-    from models import onednn
+    from models.cpu import native as onednn
     info = onednn.cpu_info()
     if "model name" not in info:
         return platform.processor() or platform.machine()
@@ -392,7 +393,7 @@ def processor() -> str:
 
 def environment() -> dict:
     import jax
-    from models import onednn
+    from models.cpu import native as onednn
     env = dict(date=datetime.date.today().isoformat(), machine=platform.machine(),
                processor=processor(), cores=os.cpu_count(),
                dense_products="MKL's sgemm" if onednn.uses_mkl() else "oneDNN's matmul",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from scripts import buffer_cache
+from models.cpu import buffer_cache
 
 # glibc's malloc maps each large buffer afresh (and unmaps it when freed), and Linux faults it
 # in 4 KiB at a time: a MobileNetV2 train step (batch 16, 224²) takes 317,000 page faults, half
@@ -51,7 +51,7 @@ def set_cpu_defaults() -> None:
     env = with_cpu_memory_settings(dict(os.environ))
     if env != os.environ:
         os.execve(sys.executable, sys.orig_argv, env)
-    from models import ops
+    from models.cpu import dispatch as ops
     ops.set_cpu_defaults()
 
 

@@ -9,7 +9,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Reference comparisons hold logits to 1e-4; oneDNN's Winograd kernels (the CPU default for 3×3
 # stride-1 convolutions) move Inception v3's by up to 1.3e-4. Tests run direct convolutions;
-# the Winograd tests (test_onednn.py) turn them on with `winograd`.
+# the Winograd tests (tests/cpu/test_native.py) turn them on with `winograd`.
 os.environ.setdefault("TRANSFERLAB_ONEDNN_WINOGRAD", "0")
 # Many tests compile the same programs (a model's initialiser, a train step), some in
 # subprocesses (the benchmark's, two-process training's) or in the other xdist worker: one

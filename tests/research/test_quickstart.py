@@ -6,7 +6,7 @@ import pytest
 
 from research import ablate, config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def quickstart(tfds_dir, arg):

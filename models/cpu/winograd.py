@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import onednn
+from models.cpu import native
 
 TILE, ALPHA = 4, 6  # output tile, input tile (TILE + 3 − 1)
 # The kernel's transform (ALPHA × 3); the tiles' Bᵀ and Aᵀ are in csrc/winograd.cc.
@@ -43,14 +43,14 @@ _ONEDNN_WINOGRAD_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
 def onednn_has_winograd() -> bool:
     """Whether oneDNN runs Winograd kernels of its own on this CPU (AVX-512)."""
-    return _ONEDNN_WINOGRAD_FLAGS <= set(onednn.cpu_info().get("flags", "").split())
+    return _ONEDNN_WINOGRAD_FLAGS <= set(native.cpu_info().get("flags", "").split())
 
 
 def suits(kernel_shape, strides, pads: Pads, groups: int) -> bool:
     """Whether a convolution runs here rather than on oneDNN: one that oneDNN would run as
-    Winograd (``onednn.winograd_suits``: 3×3, stride 1, ungrouped) padded by at most 2 on each
+    Winograd (``native.winograd_suits``: 3×3, stride 1, ungrouped) padded by at most 2 on each
     side, on a CPU where oneDNN has no Winograd kernels."""
-    return (onednn.winograd_suits(kernel_shape, strides, groups)
+    return (native.winograd_suits(kernel_shape, strides, groups)
             and all(0 <= p <= 2 for side in pads for p in side) and not onednn_has_winograd())
 
 
@@ -106,9 +106,9 @@ def _kernel_gradient(du):
 def _products(a, b, transpose_a: bool = False, transpose_b: bool = False):
     """The 36 matrix products a[k]·b[k], either read transposed in place, on oneDNN's
     matmul."""
-    view = lambda transposed: onednn._COLUMNS if transposed else onednn._ROWS
-    return onednn._matmul_call(a[None], b[None], view(transpose_a), view(transpose_b),
-                               onednn._ROWS)[0]
+    view = lambda transposed: native._COLUMNS if transposed else native._ROWS
+    return native._matmul_call(a[None], b[None], view(transpose_a), view(transpose_b),
+                               native._ROWS)[0]
 
 
 def _convolve_local(x, u, out_shape, params: tuple[Pads, bool]):
@@ -127,9 +127,9 @@ def _kernel_gradient_local(x, dy, u_shape, pads: Pads):
     return _products(v, _gradient_transform(dy, tiles), transpose_a=True)
 
 
-_forward = onednn._batch_parallel("b h w c, k c o -> b i j o", _convolve_local, True)
-_backward_data = onednn._batch_parallel("b i j o, k c o -> b h w c", _convolve_local, True)
-_transform_gradient = onednn._batch_parallel("b h w c, b i j o -> k c o",
+_forward = native._batch_parallel("b h w c, k c o -> b i j o", _convolve_local, True)
+_backward_data = native._batch_parallel("b i j o, k c o -> b h w c", _convolve_local, True)
+_transform_gradient = native._batch_parallel("b h w c, b i j o -> k c o",
                                              _kernel_gradient_local, False)
 
 
@@ -137,7 +137,7 @@ _transform_gradient = onednn._batch_parallel("b h w c, b i j o -> k c o",
 def conv(x, w, pads: Pads):
     """Stride-1 convolution of float32 NHWC ``x`` with a (3, 3, I, O) kernel ``w``, ``pads``
     ((top, bottom), (left, right)) each at most 2: ``lax.conv_general_dilated``'s values."""
-    out_shape = onednn._output_shape(x.shape, (3, 3), (1, 1), pads, w.shape[3])
+    out_shape = native._output_shape(x.shape, (3, 3), (1, 1), pads, w.shape[3])
     return _forward(x, _kernel_transform(w, _KERNEL), out_shape, (pads, False))
 
 

@@ -17,7 +17,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from models import onednn, ops, winograd as winograd_module
+from models.cpu import dispatch as ops, native as onednn, winograd as winograd_module
 from tests.test_ops import (NHWC, assert_batch_norm_equals_autodiff,
                             assert_same_values_and_gradients, grouped_conv)
 
@@ -37,10 +37,10 @@ def test_missing_onednn_headers_are_named_with_the_fix(tmp_path, monkeypatch):
 def openmp_settings_on_loading(**env) -> tuple[str, str]:
     """What OpenMP says of its settings as a fresh process loads the library, and what that
     process's environment holds of the wait policy afterwards."""
-    loads = ("import os; from models import onednn; assert onednn.available(); "
+    loads = ("import os; from models.cpu import native as onednn; assert onednn.available(); "
              "print(os.environ.get('OMP_WAIT_POLICY'))")
     done = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).parents[1],
+                          check=True, cwd=Path(__file__).parents[2],
                           env={**os.environ, "OMP_DISPLAY_ENV": "VERBOSE", **env})
     return done.stderr, done.stdout.strip()
 

@@ -13,7 +13,7 @@ from research.convert import timm as timm_convert
 from research.errors import CheckpointError
 from tests import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = 75  # odd, so that strided layers see odd sizes
 # (timm's model name, input size): every CNN at SMALL, and most families (and flavours) at

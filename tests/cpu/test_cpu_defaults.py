@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts import buffer_cache, common
+from models.cpu import buffer_cache
+from scripts import common
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_glibc = pytest.mark.skipif(
     not common.glibc_has_hugetlb(), reason="glibc 2.35 or newer has the hugetlb tunable; this is "
     f"{common.libc_version() or 'another C library'}")

@@ -11,7 +11,7 @@ import pytest
 
 from research import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = ("data.name='digits',train.epochs=0.5,train.batch_size=64,train.progress=False,"
              "data.mean=(32.0,),data.std=(48.0,)")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from models import onednn, ops, winograd
+from models.cpu import dispatch as ops, native as onednn, winograd
 from tests.test_onednn import (assert_resnet_gradients_equal_xlas, compiled_text, conv_of,
                                needs_onednn, split_over_devices)
 

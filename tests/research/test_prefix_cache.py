@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from models import onednn
+from models.cpu import native as onednn
 from research import prefix_cache, train
 from research.errors import ConfigError
 

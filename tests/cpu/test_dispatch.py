@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from models import layers, onednn, ops
+from models import layers
+from models.cpu import dispatch as ops, native as onednn
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

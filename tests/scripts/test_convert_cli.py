@@ -8,7 +8,7 @@ import pytest
 from research import pretrained
 from tests import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def convert(*args):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts import buffer_cache, common
+from models.cpu import buffer_cache
+from scripts import common
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not common.libc_version().startswith("glibc"),
                                 reason="the buffer cache passes the rest to glibc's allocator; "
                                 f"this is {common.libc_version() or 'another C library'}")

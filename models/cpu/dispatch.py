@@ -3,7 +3,7 @@
 Float32 convolutions (any groups) run on the CPU through oneDNN's kernels where the library is
 available (``models.onednn``): all three passes, the kernel gradient 1.5–3× faster than XLA's;
 stride-1 1×1 ones with at least 128 channels in and out as Dense layers on MKL's sgemm
-(``onednn.sgemm_suits``), 1.1–1.4× faster than oneDNN there; 3×3 stride-1 ones as Winograd's
+(``native.sgemm_suits``), 1.1–1.4× faster than oneDNN there; 3×3 stride-1 ones as Winograd's
 F(4×4, 3×3), oneDNN's kernels on AVX-512 and this project's elsewhere (``models.winograd``).
 The formulations below serve the rest (other dtypes, or no oneDNN).
 
@@ -19,7 +19,7 @@ a Dense layer over tokens (``dot_general``): given matrices, XLA computes the ke
 without first copying the output gradient transposed.
 
 Self-attention (``self_attention``) runs for float32 with oneDNN as
-``onednn.self_attention``: one task per image and head, its logits in cache from the first
+``native.self_attention``: one task per image and head, its logits in cache from the first
 product to the second, the q, k, v projection's bias added on the way and its gradient summed
 in the same tasks; otherwise as two batched matrix products over (batch × heads) with the
 softmax between them, where XLA fuses ``jax.nn``'s formulation into one slower kernel. A Dense
@@ -32,15 +32,15 @@ convolves the zero-dilated gradient with every tap.
 JAX differentiates ``reduce_window`` max through a variadic reduce-window carrying four s32
 index arrays and a scatter; here the gradient goes to the first maximum of each window (as
 PyTorch's ``MaxPool2d``): in float32 where the native library loaded, through this project's
-kernel (``onednn.max_pool_backward``, 5× faster on ResNet's stem), else through one fused loop
+kernel (``native.max_pool_backward``, 5× faster on ResNet's stem), else through one fused loop
 over the window's taps. The pooling itself goes to this project's kernel too
-(``onednn.max_pool``: ResNet's stem at batch 16, 19.5 ms in XLA's reduce-window).
+(``native.max_pool``: ResNet's stem at batch 16, 19.5 ms in XLA's reduce-window).
 
 ``batch_norm`` is a training-mode batch normalization, and the activation that follows it,
 with its gradient written out: two sums and one elementwise loop over the activations, the
 activation's derivative recomputed from the input, where autodiff of Flax's formulation makes
 more passes and keeps the normalized values. It applies on every backend; on the CPU each pair
-of sums is one pass of this project's own (``onednn.batch_norm_sums``), where XLA takes a pass
+of sums is one pass of this project's own (``native.batch_norm_sums``), where XLA takes a pass
 per sum (MobileNetV2's train step 1.23× faster, EfficientNet-B0's 1.16×, profiled here), and
 the gradient's pass writes the activation's gradient out for the elementwise loop, SiLU's
 derivative taken from its output without an exponential (EfficientNet-B0's step 1.25 → 1.13 s
@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models import onednn, winograd
+from models.cpu import native, winograd
 
 # XLA:CPU's YNNPACK fusion of individual convolutions is slower than its default convolution
 # path for the networks here (about 2× on ResNets). The flag names XLA:CPU, so other backends
@@ -106,13 +106,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              and preferred_element_type in (None, lhs.dtype))
     strides = tuple(window_strides)
     pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides) if plain else None
-    on_onednn = plain and lhs.dtype == rhs.dtype == jnp.float32 and onednn.enabled()
-    if on_onednn and onednn.sgemm_suits(rhs.shape, strides, pads, feature_group_count):
+    on_onednn = plain and lhs.dtype == rhs.dtype == jnp.float32 and native.enabled()
+    if on_onednn and native.sgemm_suits(rhs.shape, strides, pads, feature_group_count):
         cpu = pointwise_dense
     elif on_onednn and winograd.suits(rhs.shape, strides, pads, feature_group_count):
         cpu = lambda x, w: winograd.conv(x, w, pads)
     elif on_onednn:
-        cpu = lambda x, w: onednn.conv(x, w, strides, pads, feature_group_count)
+        cpu = lambda x, w: native.conv(x, w, strides, pads, feature_group_count)
     elif plain and feature_group_count == lhs.shape[3] == rhs.shape[3] > 1 and rhs.shape[2] == 1:
         cpu = lambda x, w: depthwise_conv(x, w, strides, pads)
     elif plain and feature_group_count == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0),) * 2:
@@ -141,13 +141,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         return general(lhs, rhs)
 
     on_onednn = (lhs.dtype == rhs.dtype == jnp.float32
-                 and preferred_element_type in (None, jnp.float32) and onednn.enabled())
+                 and preferred_element_type in (None, jnp.float32) and native.enabled())
 
     def matmul(lhs, rhs):
         rows, cols = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
         matrix = rhs.reshape(-1, math.prod(cols))
         if on_onednn:
-            out = onednn.dense(lhs.reshape(rows[0], math.prod(rows[1:]), -1), matrix)
+            out = native.dense(lhs.reshape(rows[0], math.prod(rows[1:]), -1), matrix)
         else:
             out = product(lhs.reshape(math.prod(rows), -1), matrix, (((1,), (0,)), ((), ())))
         return out.reshape(*rows, *cols)
@@ -181,11 +181,11 @@ def materialize(x):
     recomputes it in each: a ResNet stage's residual sum, read by the next block's convolution
     and by its shortcut, was recomputed from every earlier block's convolution outputs down the
     stage, twice (ResNet-50's train step spent 0.52 of 2.2 s in elementwise fusions, 0.30
-    with this). On the CPU through ``onednn.materialize``, which computes nothing; elsewhere
+    with this). On the CPU through ``native.materialize``, which computes nothing; elsewhere
     ``x`` as it is."""
-    if x.ndim == 0 or not onednn.enabled():
+    if x.ndim == 0 or not native.enabled():
         return x
-    return lax.platform_dependent(x, cpu=onednn.materialize, default=lambda x: x)
+    return lax.platform_dependent(x, cpu=native.materialize, default=lambda x: x)
 
 
 @jax.custom_vjp
@@ -213,7 +213,7 @@ def self_attention(qkv, bias):
     """``jax.nn.dot_product_attention`` (no mask or bias) of the (batch, tokens, heads, depth)
     q, k, v packed in ``qkv + bias``, ``qkv`` (batch, tokens, 3, heads, depth) as one Dense
     layer's product with the three kernels side by side, ``bias`` (3, heads, depth) the
-    layer's. On the CPU, ``onednn.self_attention`` for float32 where available, reading them in
+    layer's. On the CPU, ``native.self_attention`` for float32 where available, reading them in
     place and adding the bias on the way; else two batched matrix products over (batch ×
     heads) with the softmax between them, on head-major copies: XLA fuses ``jax.nn``'s
     formulation into one kernel that, with its gradient, runs 1.5× slower."""
@@ -227,8 +227,8 @@ def _unpack(qkv):
 
 
 def _cpu_self_attention(qkv, bias):
-    if qkv.dtype == bias.dtype == jnp.float32 and onednn.enabled():
-        return onednn.self_attention(qkv, bias)
+    if qkv.dtype == bias.dtype == jnp.float32 and native.enabled():
+        return native.self_attention(qkv, bias)
     return _head_major_attention(*_unpack(qkv + bias))
 
 
@@ -243,9 +243,9 @@ def _head_major_attention(query, key, value):
 
 
 def pointwise_dense(x, w):
-    """Stride-1 1×1 convolution of NHWC ``x`` with a (1, 1, I, O) kernel as ``onednn.dense``
+    """Stride-1 1×1 convolution of NHWC ``x`` with a (1, 1, I, O) kernel as ``native.dense``
     over each image's pixels."""
-    out = onednn.dense(x.reshape(x.shape[0], -1, x.shape[3]), w[0, 0])
+    out = native.dense(x.reshape(x.shape[0], -1, x.shape[3]), w[0, 0])
     return out.reshape(*x.shape[:3], w.shape[3])
 
 
@@ -376,8 +376,8 @@ def _reduce_window_max(x, window, strides, pads: Pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_first_max_grad(x, window, strides, pads: Pads):
-    if x.dtype == jnp.float32 and onednn.enabled():
-        return onednn.max_pool(x, window, strides, pads)
+    if x.dtype == jnp.float32 and native.enabled():
+        return native.max_pool(x, window, strides, pads)
     return _reduce_window_max(x, window, strides, pads)
 
 
@@ -389,8 +389,8 @@ def _max_pool_fwd(x, window, strides, pads):
 def _max_pool_bwd(window, strides, pads, residuals, g):
     """Each output's gradient goes to the first tap (row-major) that holds its maximum."""
     x, y = residuals
-    if x.dtype == g.dtype == jnp.float32 and onednn.enabled():
-        return (onednn.max_pool_backward(x, y, g, window, strides, pads),)
+    if x.dtype == g.dtype == jnp.float32 and native.enabled():
+        return (native.max_pool_backward(x, y, g, window, strides, pads),)
     xp = _pad_hw(x, pads, -jnp.inf)
     taken = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros_like(xp)
@@ -421,10 +421,10 @@ def layer_norm(x, scale, bias, epsilon: float):
     """Normalizes each row of ``x`` (its last axis) to zero mean and unit variance (the variance
     of the centred values), then scales and shifts it: Flax's ``nn.LayerNorm``, computed in
     float32. On the CPU, for float32 with the native library, one pass over memory each way
-    (``onednn.layer_norm``) where XLA's formulation makes several."""
-    native = (x.dtype == scale.dtype == bias.dtype == jnp.float32 and x.ndim >= 2
-              and onednn.enabled())
-    if not native:
+    (``native.layer_norm``) where XLA's formulation makes several."""
+    on_native = (x.dtype == scale.dtype == bias.dtype == jnp.float32 and x.ndim >= 2
+              and native.enabled())
+    if not on_native:
         return _layer_norm_formula(x, scale, bias, epsilon)
     return lax.platform_dependent(
         x, scale, bias, cpu=lambda *a: _native_layer_norm(*a, epsilon),
@@ -444,7 +444,7 @@ def _as_rows(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _native_layer_norm(x, scale, bias, epsilon: float):
-    return onednn.layer_norm(_as_rows(x), scale, bias, epsilon).reshape(x.shape)
+    return native.layer_norm(_as_rows(x), scale, bias, epsilon).reshape(x.shape)
 
 
 def _native_layer_norm_fwd(x, scale, bias, epsilon):
@@ -453,7 +453,7 @@ def _native_layer_norm_fwd(x, scale, bias, epsilon):
 
 def _native_layer_norm_bwd(epsilon, residuals, dy):
     x, scale = residuals
-    dx, sums = onednn.layer_norm_backward(_as_rows(x), scale, _as_rows(dy), epsilon)
+    dx, sums = native.layer_norm_backward(_as_rows(x), scale, _as_rows(dy), epsilon)
     total = sums.sum(0)
     return dx.reshape(x.shape), total[0], total[1]
 
@@ -495,12 +495,12 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 def bias_gelu(x, bias):
     """``gelu(x + bias)``: a Dense layer's bias and activation. On the CPU, for float32 with the
-    native library, the gradient is one pass over memory (``onednn.gelu_backward``) that
+    native library, the gradient is one pass over memory (``native.gelu_backward``) that
     adds the bias itself (the forward pass writes only the output), takes Φ from the output,
     which the next layer keeps anyway, and sums the bias's gradient: no erf, and no reduction
     of its own for the bias (ViT-S/16's fc1 at batch 16 on a Zen 1: 7.5 ms, XLA's formulation
     9.9)."""
-    if not (x.dtype == bias.dtype == jnp.float32 and x.ndim >= 2 and onednn.enabled()):
+    if not (x.dtype == bias.dtype == jnp.float32 and x.ndim >= 2 and native.enabled()):
         return gelu(x + bias)
     return lax.platform_dependent(x, bias, cpu=_native_bias_gelu,
                                   default=lambda x, bias: gelu(x + bias))
@@ -518,7 +518,7 @@ def _native_bias_gelu_fwd(x, bias):
 
 def _native_bias_gelu_bwd(residuals, dy):
     x, bias, y = residuals
-    du, sums = onednn.gelu_backward(_as_rows(x), bias, _as_rows(y), _as_rows(dy))
+    du, sums = native.gelu_backward(_as_rows(x), bias, _as_rows(y), _as_rows(dy))
     return du.reshape(x.shape), sums.sum(0)
 
 
@@ -558,7 +558,7 @@ def batch_norm(x, scale, bias, eps: float, activation: str | None = None):
 
 
 def _native_sums(x) -> bool:
-    return x.dtype == jnp.float32 and x.ndim == 4 and onednn.enabled()
+    return x.dtype == jnp.float32 and x.ndim == 4 and native.enabled()
 
 
 def _batch_stats(x):
@@ -569,10 +569,10 @@ def _batch_stats(x):
         x32 = x.astype(jnp.float32)
         return x32.sum(axes), (x32 * x32).sum(axes)
 
-    def native(x):
-        total = onednn.batch_norm_sums(x).sum(0)
+    def on_native(x):
+        total = native.batch_norm_sums(x).sum(0)
         return total[0], total[1]
-    sums = (lax.platform_dependent(x, cpu=native, default=xla) if _native_sums(x) else xla(x))
+    sums = (lax.platform_dependent(x, cpu=on_native, default=xla) if _native_sums(x) else xla(x))
     mean = sums[0] / count
     return mean, jnp.maximum(sums[1] / count - mean * mean, 0.0)
 
@@ -606,12 +606,12 @@ def _grad_sums(x, y, dy, a, b, mean, activation):
             g = g * ACTIVATIONS[activation][1](x32 * a + b)
         return g.sum(axes), (g * (x32 - mean)).sum(axes), g
 
-    def native(x, dy):
-        sums, g = onednn.batch_norm_grad_sums(x, y, dy, a, b, mean, activation)
+    def on_native(x, dy):
+        sums, g = native.batch_norm_grad_sums(x, y, dy, a, b, mean, activation)
         total = sums.sum(0)
         return total[0], total[1], g
     if _native_sums(x) and dy.dtype == jnp.float32:
-        return lax.platform_dependent(x, dy, cpu=native, default=xla)
+        return lax.platform_dependent(x, dy, cpu=on_native, default=xla)
     return xla(x, dy)
 
 

@@ -10,9 +10,9 @@ from research.convert import convert_file, vit_npz
 from research.convert import timm as timm_convert
 from research.errors import CheckpointError
 from tests import reference
-from tests.test_timm import timm_model
+from tests.research.test_timm import timm_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (our registry name, image size): every ViT at 224, two at 384, whose checkpoints' longer
 # position embeddings the converter must read as a larger grid.
