@@ -1,7 +1,7 @@
 # `make demo` runs the quickstart transfer experiment; `make test` runs the test suite.
 # Both set up everything first: a virtual environment in .venv with the pinned packages,
 # Fashion-MNIST from Debian's dataset-fashion-mnist package, and oneDNN's convolutions for the
-# CPU (Debian's libdnnl-dev, built against jaxlib's FFI headers; see models/onednn.py).
+# CPU (Debian's libdnnl-dev, built against jaxlib's FFI headers; see models/cpu/native.py).
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,9 +14,9 @@ PYTEST_ARGS ?= $(if $(CI),-m "not exhaustive",-m "not slow")
 # Two workers, a test file each at a time: most tests wait on XLA's single-threaded compiler,
 # so one pytest process kept the two cores about half busy.
 WORKERS ?= -n 2 --dist loadfile
-# Huge pages for glibc's large buffers (see scripts/common.py): the scripts restart with it,
-# and the tests run in pytest's own process.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# The tests run with glibc's huge pages for large buffers (models/cpu/process.py), which glibc
+# reads only at start-up; the demo runs in a plain process.
+test test-all: export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test test-all setup data onednn
 

@@ -1,16 +1,18 @@
-"""transferlab's model zoo: ``create``, ``list_models`` and one module per family."""
+"""transferlab's model zoo: ``create``, ``list_models`` and one module per family.
 
-from models.cpu import dispatch as ops
+Importing it sets XLA:CPU's flags (``models.cpu.process.set_xla_flags``) and changes nothing
+else outside this package.
+"""
 
-ops.set_cpu_defaults()
+from models.cpu import dispatch as ops  # TEMPORARY: until the families stop importing models.ops
+from models import (alexnet, efficientnet, inception, lenet, mobilenet, resnet,  # noqa: F401
+                    vgg, vit, xception)  # each family registers its models
+from models.cpu import process
+from models.registry import (ModelInfo, create, init_variables, list_models, model_info,
+                             variable_shapes)
 
-from models import lenet, resnet  # noqa: E402,F401  (each family registers its models)
-from models import inception  # noqa: E402,F401
-from models import vit, xception  # noqa: E402,F401
-from models import alexnet, vgg  # noqa: E402,F401
-from models import efficientnet, mobilenet  # noqa: E402,F401
-from models.registry import (ModelInfo, create, init_variables, list_models,  # noqa: E402
-                             model_info, variable_shapes)
+# The imports above leave JAX's backends unstarted, so that the flags take effect.
+process.set_xla_flags()
 
 __all__ = ["ModelInfo", "create", "init_variables", "list_models", "model_info",
            "variable_shapes"]

@@ -7,34 +7,31 @@
 Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
 settings are its own, and the measurements run one at a time. Where two sides are compared
 (PyTorch, ours) their processes take turns, a few steps each after one untimed step, until
-each has its steps: the machine's drift over minutes (±15% seen here) moves both sides alike
-instead of the ratio. They set up in that order, ours last: of two identical processes, the
-first set up measured 1.5–5% faster here. Both run in the scripts' memory environment (glibc's
-tunables, the buffer cache); PyTorch without it runs after them, alone: taking turns beside it
-(200,000 page faults a step) slowed our MobileNetV2 step by a third and PyTorch's not at all,
-on an AMD EPYC. The freeze sweep likewise runs each depth (and its cached prefix) in turns
-with full fine-tuning, set up first, and divides by that full step for its ``speedup``.
+each has its steps, so that the machine's drift over minutes moves both sides alike instead of
+the ratio. They set up in that order, ours last (the first of two identical processes set up
+measures a little faster). The benchmark opts in to the process settings for both sides alike
+(``models.cpu.process.restart_tuned``: glibc's huge pages and the buffer cache); PyTorch
+without them runs after each pair, alone, since a process without them slows its neighbours.
+The freeze sweep likewise runs each depth (and its cached prefix) in turns with full
+fine-tuning, set up first, and divides by that full step for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
 ``ratio``, …) and ``bench.md``.
 """
 
-from models.cpu import buffer_cache
-from scripts import common
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-common.set_cpu_defaults()
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from models.cpu import native, process
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_s16")
 PEERS = {"resnet18": ("torchvision", "resnet18"), "resnet50": ("torchvision", "resnet50"),
@@ -242,8 +239,7 @@ MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_pr
 
 def measure(name: str, glibc_defaults: bool = False, **kwargs) -> dict:
     """Run one measurement in a fresh subprocess and return its result; ``glibc_defaults``
-    runs it without the project's glibc tunables (``common.CPU_GLIBC_TUNABLES``) and buffer
-    cache (``scripts/buffer_cache.py``)."""
+    runs it without the process settings (``process.untuned_environment``)."""
     return measure_interleaved([(name, glibc_defaults, kwargs)], turn_steps=0)[0]
 
 
@@ -267,9 +263,7 @@ def measure_interleaved(specs, turn_steps: int = 2) -> list[dict]:
 def _start(name: str, glibc_defaults: bool, kwargs: dict, turn_steps: int):
     env = {**os.environ, TURN_STEPS: str(turn_steps)}
     if glibc_defaults:
-        tunables = env.get("GLIBC_TUNABLES", "").split(":")
-        env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t != common.CPU_GLIBC_TUNABLES)
-        env = {**buffer_cache.without_buffer_cache(env), "TRANSFERLAB_HUGE_PAGES": "0"}
+        env = process.untuned_environment(env)
     process = subprocess.Popen(
         [sys.executable, "-m", "scripts.bench", "--one", json.dumps({"name": name, **kwargs})],
         cwd=Path(__file__).parents[1], env=env, text=True, stdin=subprocess.PIPE,
@@ -384,8 +378,7 @@ def freeze_sweep(freeze_model: str, batch: int, size: int, steps: int, record) -
 
 def processor() -> str:
     """The CPU's model name and generation (``/proc/cpuinfo``), else what ``platform`` says."""
-    from models.cpu import native as onednn
-    info = onednn.cpu_info()
+    info = native.cpu_info()
     if "model name" not in info:
         return platform.processor() or platform.machine()
     return f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')})"
@@ -393,14 +386,13 @@ def processor() -> str:
 
 def environment() -> dict:
     import jax
-    from models.cpu import native as onednn
     env = dict(date=datetime.date.today().isoformat(), machine=platform.machine(),
                processor=processor(), cores=os.cpu_count(),
-               dense_products="MKL's sgemm" if onednn.uses_mkl() else "oneDNN's matmul",
+               dense_products="MKL's sgemm" if native.uses_mkl() else "oneDNN's matmul",
                python=platform.python_version(), jax=jax.__version__,
                xla_flags=os.environ.get("XLA_FLAGS", ""),
                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-               buffer_cache=buffer_cache.preloaded(os.environ),
+               buffer_cache=process.buffer_cache_preloaded(os.environ),
                torch_threads=TORCH_THREADS)
     try:
         import torch
@@ -444,6 +436,7 @@ def markdown(records: list[dict], env: dict, args) -> str:
 
 
 def main():
+    process.restart_tuned(always=True)  # and so its subprocesses, both sides alike
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))

@@ -9,11 +9,10 @@ The output directory works as ``init.checkpoint`` and with ``research.pretrained
 weights' preprocessing (input size, mean, std, resize and crop) is stored in its meta.
 """
 
+import argparse
+
+from research import convert
 from scripts import common
-
-common.set_cpu_defaults()
-
-import argparse  # noqa: E402
 
 
 def main():
@@ -29,7 +28,6 @@ def main():
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--num_classes", type=int, default=1000)
     args = parser.parse_args()
-    from research import convert
     _, variables, meta = convert.convert(args.source, args.arch, args.input,
                                          num_classes=args.num_classes)
     convert.write(args.output, variables, meta)

@@ -3,15 +3,13 @@
 Resumes from the latest checkpoint in the workdir.
 """
 
+from research import config, train
 from scripts import common
-
-common.set_cpu_defaults()
 
 
 def main():
     args = common.config_and_workdir_args(__doc__)
     common.start_distributed()
-    from research import config, train
     result = train.train_and_evaluate(config.load(args.config), args.workdir)
     print(f"step {result['step']}: test accuracy {result['test_accuracy']:.4f}, "
           f"test loss {result['test_loss']:.4f} ({result['trainable_params']:,} trainable "

@@ -2,14 +2,15 @@
 //
 // glibc's malloc maps every buffer above 32 MiB afresh and unmaps it when it is freed. XLA:CPU
 // allocates one buffer for all the temporaries of a compiled call (a GiB for a train step),
-// so every step faults that memory in again and the kernel zeroes it: 870 huge-page faults and
-// 0.15 s of system time in a 1.4 s EfficientNet-B0 step. On a virtual machine that reports free
-// pages to its host, pages freed a few seconds earlier come back slower still (1.5 s a step).
+// so every step faults that memory in again and the kernel zeroes it; on a virtual machine
+// that reports free pages to its host, pages freed a few seconds earlier come back slower
+// still (docs/performance.md). models/cpu/process.py preloads it where the user opts in.
+//
 // Here a freed buffer of at least MIN_SIZE stays mapped and serves the next request of its
 // size (up to twice the request); a request that another thread's buffer would fit waits up
-// to RELEASE_WAIT_MS for one to be freed. At most MAX_IDLE wait unused, the longest idle unmapped
-// first, and none smaller than a request that needs a new buffer. Smaller requests, and every
-// pointer this file did not hand out, go to glibc.
+// to RELEASE_WAIT_MS for one to be freed. At most MAX_IDLE wait unused, the longest idle
+// unmapped first, and none smaller than a request that needs a new buffer. Smaller requests,
+// and every pointer this file did not hand out, go to glibc.
 
 #define _GNU_SOURCE
 #include <dlfcn.h>

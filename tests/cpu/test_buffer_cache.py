@@ -1,5 +1,5 @@
-"""The buffer cache (``scripts/buffer_cache.c``): freed large buffers serve the next request of
-their size, everything else is glibc's, and the values computed do not change."""
+"""The buffer cache (``models/cpu/buffer_cache.c``): freed large buffers serve the next
+request of their size, everything else is glibc's, and the values computed do not change."""
 
 import os
 import subprocess
@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from models.cpu import buffer_cache
-from scripts import common
+from models.cpu import process
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not common.libc_version().startswith("glibc"),
+pytestmark = pytest.mark.skipif(not process.libc_version().startswith("glibc"),
                                 reason="the buffer cache passes the rest to glibc's allocator; "
-                                f"this is {common.libc_version() or 'another C library'}")
+                                f"this is {process.libc_version() or 'another C library'}")
 MIB = 1 << 20
 
 
@@ -22,7 +21,7 @@ def run_python(code: str, cache: bool) -> list[str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", "TRANSFERLAB_BUFFER_CACHE")}
     if cache:
-        env["LD_PRELOAD"] = str(buffer_cache.build())
+        env["LD_PRELOAD"] = str(process.build_buffer_cache())
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -139,20 +138,19 @@ def test_xla_steps_fault_no_pages_in_again_and_compute_the_same():
     assert int(cached_faults) * 5 < int(plain_faults)  # 196 against 2,310 with huge pages
 
 
-def test_the_scripts_environment_adds_the_library_once_and_a_users_choice_wins():
-    library = str(buffer_cache.build())
-    added = buffer_cache.with_buffer_cache({"LD_PRELOAD": "/x/libmine.so"}, uses_glibc=True)
+def test_the_library_is_added_once_and_a_users_choice_wins(monkeypatch):
+    library = str(process.build_buffer_cache())
+    added = process.with_buffer_cache({"LD_PRELOAD": "/x/libmine.so"})
     assert added["LD_PRELOAD"] == f"{library} /x/libmine.so"
-    assert buffer_cache.with_buffer_cache(added, uses_glibc=True) == added
-    assert buffer_cache.without_buffer_cache(added) == {
-        "LD_PRELOAD": "/x/libmine.so", "TRANSFERLAB_BUFFER_CACHE": "0"}
-    for env, uses_glibc in (({"TRANSFERLAB_BUFFER_CACHE": "0"}, True), ({}, False)):
-        assert buffer_cache.with_buffer_cache(env, uses_glibc) == env
-    assert "LD_PRELOAD" not in buffer_cache.without_buffer_cache({"LD_PRELOAD": library})
+    assert process.buffer_cache_preloaded(added) and process.with_buffer_cache(added) == added
+    assert process.with_buffer_cache({"TRANSFERLAB_BUFFER_CACHE": "0"}) == {
+        "TRANSFERLAB_BUFFER_CACHE": "0"}
+    monkeypatch.setattr(process, "libc_version", lambda: "musl")
+    assert process.with_buffer_cache({}) == {}
 
 
 def test_a_library_that_does_not_build_leaves_the_environment_with_a_note(monkeypatch, capsys):
-    monkeypatch.setattr(buffer_cache, "library_path", lambda: Path("/nonexistent/dir/x.so"))
-    monkeypatch.setattr(buffer_cache, "SOURCE", Path("/nonexistent/buffer_cache.c"))
-    assert buffer_cache.with_buffer_cache({"A": "1"}, uses_glibc=True) == {"A": "1"}
+    monkeypatch.setattr(process, "_buffer_cache_path", lambda: Path("/nonexistent/dir/x.so"))
+    monkeypatch.setattr(process, "BUFFER_CACHE_SOURCE", Path("/nonexistent/buffer_cache.c"))
+    assert process.with_buffer_cache({"A": "1"}) == {"A": "1"}
     assert "large buffers are not kept" in capsys.readouterr().err
