@@ -7,10 +7,10 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Reference comparisons hold logits to 1e-4; oneDNN's Winograd kernels (the CPU default for 3×3
+# Reference comparisons hold logits to 1e-4; Winograd's kernels (the CPU default for 3×3
 # stride-1 convolutions) move Inception v3's by up to 1.3e-4. Tests run direct convolutions;
-# the Winograd tests (tests/cpu/test_native.py) turn them on with `winograd`.
-os.environ.setdefault("TRANSFERLAB_ONEDNN_WINOGRAD", "0")
+# the Winograd tests (tests/cpu/test_native.py, test_winograd.py) turn them on with `winograd`.
+os.environ.setdefault("TRANSFERLAB_WINOGRAD", "0")
 # Many tests compile the same programs (a model's initialiser, a train step), some in
 # subprocesses (the benchmark's, two-process training's) or in the other xdist worker: one
 # persistent XLA compilation cache for the session and its subprocesses compiles each once.
@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def winograd(monkeypatch):
-    """oneDNN's Winograd kernels for functions traced in the test (the library default)."""
-    monkeypatch.setenv("TRANSFERLAB_ONEDNN_WINOGRAD", "1")
+    """Winograd's kernels for functions traced in the test (the library's default)."""
+    monkeypatch.setenv("TRANSFERLAB_WINOGRAD", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,58 +1,15 @@
-"""Formulations of convolutions, products, max pooling and batch norm that XLA runs fast.
+"""The CPU formulations of the operations ``models.layers`` builds on, and the choice of each.
 
-Float32 convolutions (any groups) run on the CPU through oneDNN's kernels where the library is
-available (``models.onednn``): all three passes, the kernel gradient 1.5–3× faster than XLA's;
-stride-1 1×1 ones with at least 128 channels in and out as Dense layers on MKL's sgemm
-(``native.sgemm_suits``), 1.1–1.4× faster than oneDNN there; 3×3 stride-1 ones as Winograd's
-F(4×4, 3×3), oneDNN's kernels on AVX-512 and this project's elsewhere (``models.winograd``).
-The formulations below serve the rest (other dtypes, or no oneDNN).
-
-XLA lowers a depthwise convolution (``feature_group_count`` = channels) on the CPU to a
-generic grouped convolution: 10–60× slower than PyTorch's, forward and backward. Written as a
-sum over the kernel's taps of shifted, strided slices times a per-channel weight, it becomes
-one fused elementwise loop; its input gradient is the same loop transposed, and its kernel
-gradient is reduced one image at a time, so that each image's slices stay in cache.
-
-A 1×1 convolution is a matrix product over the (strided) pixels: as ``dot``, its kernel
-gradient is one ``xᵀ·g`` product, 2–3× faster than the convolution XLA computes it with. So is
-a Dense layer over tokens (``dot_general``): given matrices, XLA computes the kernel gradient
-without first copying the output gradient transposed.
-
-Self-attention (``self_attention``) runs for float32 with oneDNN as
-``native.self_attention``: one task per image and head, its logits in cache from the first
-product to the second, the q, k, v projection's bias added on the way and its gradient summed
-in the same tasks; otherwise as two batched matrix products over (batch × heads) with the
-softmax between them, where XLA fuses ``jax.nn``'s formulation into one slower kernel. A Dense
-layer's bias and GELU (``bias_gelu``) take their gradient in one native pass, Φ from the output.
-
-A strided convolution's input gradient is, for each phase of the stride, a stride-1
-convolution of the output gradient with the taps that reach that phase; XLA instead
-convolves the zero-dilated gradient with every tap.
-
-JAX differentiates ``reduce_window`` max through a variadic reduce-window carrying four s32
-index arrays and a scatter; here the gradient goes to the first maximum of each window (as
-PyTorch's ``MaxPool2d``): in float32 where the native library loaded, through this project's
-kernel (``native.max_pool_backward``, 5× faster on ResNet's stem), else through one fused loop
-over the window's taps. The pooling itself goes to this project's kernel too
-(``native.max_pool``: ResNet's stem at batch 16, 19.5 ms in XLA's reduce-window).
-
-``batch_norm`` is a training-mode batch normalization, and the activation that follows it,
-with its gradient written out: two sums and one elementwise loop over the activations, the
-activation's derivative recomputed from the input, where autodiff of Flax's formulation makes
-more passes and keeps the normalized values. It applies on every backend; on the CPU each pair
-of sums is one pass of this project's own (``native.batch_norm_sums``), where XLA takes a pass
-per sum (MobileNetV2's train step 1.23× faster, EfficientNet-B0's 1.16×, profiled here), and
-the gradient's pass writes the activation's gradient out for the elementwise loop, SiLU's
-derivative taken from its output without an exponential (EfficientNet-B0's step 1.25 → 1.13 s
-on a Zen 1).
-
-The others apply on the CPU backend only (``lax.platform_dependent``): GPUs and TPUs keep
-XLA's own lowering. The values are those of ``lax.conv_general_dilated``, ``lax.dot_general``,
-``jax.nn.dot_product_attention`` and ``lax.reduce_window``.
-
-``set_cpu_defaults`` adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` when ``models`` is imported. The
-scripts also start with huge pages for large buffers (``scripts.common.CPU_GLIBC_TUNABLES``)
-and keep those buffers mapped between steps (``scripts/buffer_cache.c``).
+Each public function equals the JAX or Flax operation its docstring names, on every backend, to
+the tolerance stated there (tests/cpu/test_dispatch.py and test_native.py check them). On the
+CPU backend (``lax.platform_dependent``) it may run another formulation: float32 work on the
+native library (``models.cpu.native``, ``models.cpu.winograd``) where it is enabled, else a form
+XLA:CPU compiles better than its own lowering (depthwise convolutions as sums over the taps, 1×1
+ones as matrix products, strided ones with a phase-split input gradient, max pooling's gradient
+to the first maximum). GPUs and TPUs keep XLA's lowering; ``batch_norm`` and ``gelu`` carry
+their written-out gradients on every backend. ``conv_kernel`` is the one place that chooses a
+convolution's formulation. ``TRANSFERLAB_NATIVE=0`` (``models.cpu.switches``) keeps all work off
+the native library, ``TRANSFERLAB_WINOGRAD=0`` keeps 3×3 convolutions direct.
 """
 
 from __future__ import annotations
@@ -60,76 +17,110 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.cpu import native, winograd
-
-# XLA:CPU's YNNPACK fusion of individual convolutions is slower than its default convolution
-# path for the networks here (about 2× on ResNets). The flag names XLA:CPU, so other backends
-# ignore it; it takes effect if set before JAX starts its CPU backend (importing ``models``
-# first does), and a user's own setting of it in XLA_FLAGS wins.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-
-
-def set_cpu_defaults() -> None:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "--xla_cpu_experimental_ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAGS}".strip()
-
+from models.cpu import native, switches, winograd
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
 
+def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                preferred_element_type=None) -> str:
+    """Which formulation ``conv_general_dilated`` gives this convolution (its arguments) on the
+    CPU, decided while tracing. NHWC, undilated, one batch group, float32 with the native
+    library enabled: "sgemm" (1×1, stride 1, unpadded, ungrouped, at least 128 channels in and
+    out, where ``native.uses_mkl``), "winograd" (this project's, for 3×3, stride 1, ungrouped,
+    pads of at most 2, where oneDNN has no Winograd kernels), "onednn_winograd" (other 3×3
+    stride-1 ungrouped ones), else "onednn". NHWC and undilated otherwise: "depthwise_taps",
+    "pointwise" (ungrouped 1×1, unpadded), "strided" (ungrouped). Else "xla". The Winograd
+    ones are direct convolutions ("onednn") where ``TRANSFERLAB_WINOGRAD=0``."""
+    if not _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                       batch_group_count, preferred_element_type):
+        return "xla"
+    strides, groups = tuple(window_strides), feature_group_count
+    pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+    window, unpadded = tuple(rhs.shape[:2]), pads == ((0, 0), (0, 0))
+    if lhs.dtype == rhs.dtype == jnp.float32 and native.enabled():
+        if (window == (1, 1) and strides == (1, 1) and groups == 1 and unpadded
+                and min(rhs.shape[2:]) >= 128 and native.uses_mkl()):
+            return "sgemm"
+        if not (window == (3, 3) and strides == (1, 1) and groups == 1
+                and switches.on("TRANSFERLAB_WINOGRAD")):
+            return "onednn"
+        own = winograd.takes(pads) and not native.onednn_has_winograd()
+        return "winograd" if own else "onednn_winograd"
+    if groups == lhs.shape[3] == rhs.shape[3] > 1 and rhs.shape[2] == 1:
+        return "depthwise_taps"
+    if groups == 1 and window == (1, 1) and unpadded:
+        return "pointwise"
+    if groups == 1 and strides != (1, 1):
+        return "strided"
+    return "xla"
+
+
+def _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, batch_group_count,
+                preferred_element_type) -> bool:
+    """Whether a convolution is NHWC × HWIO → NHWC, undilated, of one batch group, and computed
+    in its operands' dtype: the ones with a CPU formulation here."""
+    return (lhs.ndim == 4 and batch_group_count == 1
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            and preferred_element_type in (None, lhs.dtype))
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-    """``lax.conv_general_dilated`` (the ``conv_general_dilated`` of Flax's ``nn.Conv``); on the
-    CPU, NHWC convolutions run as oneDNN's (float32; wide 1×1 ones as MKL's products),
-    otherwise depthwise ones as tap sums, and otherwise 1×1 ones as matrix products and strided
-    ones with a phase-split input gradient."""
+    """``lax.conv_general_dilated`` (the one Flax's ``nn.Conv`` takes). On the CPU backend it
+    runs the formulation ``conv_kernel`` names, each equal to XLA's lowering to float32
+    rounding (values and gradients within 1e-4 for operands of unit scale, Winograd's within
+    1e-5 of the largest); elsewhere, and for "xla", XLA's own."""
     conv = functools.partial(
         lax.conv_general_dilated, window_strides=window_strides, padding=padding,
         lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
-    plain = (lhs.ndim == 4 and batch_group_count == 1
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
-             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and preferred_element_type in (None, lhs.dtype))
-    strides = tuple(window_strides)
-    pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides) if plain else None
-    on_onednn = plain and lhs.dtype == rhs.dtype == jnp.float32 and native.enabled()
-    if on_onednn and native.sgemm_suits(rhs.shape, strides, pads, feature_group_count):
-        cpu = pointwise_dense
-    elif on_onednn and winograd.suits(rhs.shape, strides, pads, feature_group_count):
-        cpu = lambda x, w: winograd.conv(x, w, pads)
-    elif on_onednn:
-        cpu = lambda x, w: native.conv(x, w, strides, pads, feature_group_count)
-    elif plain and feature_group_count == lhs.shape[3] == rhs.shape[3] > 1 and rhs.shape[2] == 1:
-        cpu = lambda x, w: depthwise_conv(x, w, strides, pads)
-    elif plain and feature_group_count == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0),) * 2:
-        cpu = lambda x, w: pointwise_conv(x, w, strides)
-    elif plain and feature_group_count == 1 and strides != (1, 1):
-        cpu = lambda x, w: strided_conv(x, w, strides, pads)
-    else:
+    kernel = conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count, batch_group_count,
+                         preferred_element_type)
+    if kernel == "xla":
         return conv(lhs, rhs)
+    strides = tuple(window_strides)
+    pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+    cpu = _formulation(kernel, strides, pads, feature_group_count)
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=conv)
+
+
+def _formulation(kernel: str, strides, pads: Pads, groups: int):
+    """The function of (lhs, rhs) that computes the convolution as ``kernel``."""
+    if kernel == "sgemm":
+        return pointwise_dense
+    if kernel == "winograd":
+        return lambda x, w: winograd.conv(x, w, pads)
+    if kernel in ("onednn", "onednn_winograd"):
+        return lambda x, w: native.conv(x, w, strides, pads, groups, kernel == "onednn_winograd")
+    if kernel == "depthwise_taps":
+        return lambda x, w: depthwise_conv(x, w, strides, pads)
+    if kernel == "pointwise":
+        return lambda x, w: pointwise_conv(x, w, strides)
+    return lambda x, w: strided_conv(x, w, strides, pads)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                 **kw):
-    """``lax.dot_general``; on the CPU, a product of ``lhs``'s trailing dimensions with
-    ``rhs``'s leading ones (a Dense layer's) runs as one 2-D matrix product. Given the
-    (tokens × features) layout of a ViT's activations XLA computes the kernel gradient by first
-    transposing the output gradient, 1.6× the product's own time; given matrices it does not."""
+    """``lax.dot_general``. On the CPU, a product of ``lhs``'s trailing dimensions with
+    ``rhs``'s leading ones (a Dense layer's) runs as one 2-D matrix product (``native.dense``
+    for float32 where the native library is enabled), whose kernel gradient XLA computes
+    without a transposed copy of the output gradient: values and gradients within 1e-4 of
+    XLA's for operands of unit scale. Other products are XLA's own."""
     product = functools.partial(lax.dot_general, precision=precision,
                                 preferred_element_type=preferred_element_type, **kw)
     general = lambda lhs, rhs: product(lhs, rhs, dimension_numbers)
@@ -157,8 +148,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 @jax.custom_vjp
 def add_to_each_image(x, y):
     """``x + y`` for ``x`` (batch, ...) and ``y`` (1, ...) of one dtype, e.g. a position
-    embedding. The gradient's sum over the batch is a product with a vector of ones: XLA:CPU
-    reduces over a leading axis 80× slower (ViT-S/16's embedding: 5.8 ms against 0.07 ms)."""
+    embedding, on every backend. ``y``'s gradient, the sum over the batch, is a product with a
+    vector of ones (in float32), which XLA:CPU computes faster than a reduction over a leading
+    axis: broadcasting's gradients to 2e-5."""
     return x + y
 
 
@@ -176,13 +168,10 @@ add_to_each_image.defvjp(_add_to_each_image_fwd, _add_to_each_image_bwd)
 
 
 def materialize(x):
-    """``x``, written to memory once for all of its consumers, as is its gradient: a residual
-    block's output. XLA:CPU fuses a cheap elementwise value into each of its consumers and
-    recomputes it in each: a ResNet stage's residual sum, read by the next block's convolution
-    and by its shortcut, was recomputed from every earlier block's convolution outputs down the
-    stage, twice (ResNet-50's train step spent 0.52 of 2.2 s in elementwise fusions, 0.30
-    with this). On the CPU through ``native.materialize``, which computes nothing; elsewhere
-    ``x`` as it is."""
+    """``x`` exactly, and so its gradient, each written to memory once for all of its
+    consumers, where XLA:CPU would fuse a cheap elementwise value (a residual block's sum) into
+    each consumer and recompute it there. On the CPU through ``native.materialize``, which
+    computes nothing, where the native library is enabled; otherwise ``x`` as it is."""
     if x.ndim == 0 or not native.enabled():
         return x
     return lax.platform_dependent(x, cpu=native.materialize, default=lambda x: x)
@@ -190,10 +179,9 @@ def materialize(x):
 
 @jax.custom_vjp
 def residual_relu(x):
-    """``relu(x)`` of a residual block's sum, written once (``materialize``), its gradient masked
-    by where the output is positive: XLA recomputed the sum from the block's convolution outputs
-    and batch norms for the mask (ResNet-50: 16 fusions of seven operands each), where this reads
-    the output, and the gradient's sum over the block's two branches fuses into the mask."""
+    """``jax.nn.relu(x)`` of a residual block's sum, values and gradient exactly (zeros
+    included), written once (``materialize``); the gradient is masked by where the output is
+    positive, reading the output rather than recomputing the sum for the mask."""
     return materialize(jax.nn.relu(x))
 
 
@@ -213,10 +201,9 @@ def self_attention(qkv, bias):
     """``jax.nn.dot_product_attention`` (no mask or bias) of the (batch, tokens, heads, depth)
     q, k, v packed in ``qkv + bias``, ``qkv`` (batch, tokens, 3, heads, depth) as one Dense
     layer's product with the three kernels side by side, ``bias`` (3, heads, depth) the
-    layer's. On the CPU, ``native.self_attention`` for float32 where available, reading them in
-    place and adding the bias on the way; else two batched matrix products over (batch ×
-    heads) with the softmax between them, on head-major copies: XLA fuses ``jax.nn``'s
-    formulation into one kernel that, with its gradient, runs 1.5× slower."""
+    layer's. On the CPU, ``native.self_attention`` for float32 where the native library is
+    enabled (its tolerance); else two batched matrix products over (batch × heads) with the
+    softmax between them, on head-major copies (values and gradients within 2e-5)."""
     return lax.platform_dependent(
         qkv, bias, cpu=_cpu_self_attention,
         default=lambda qkv, bias: jax.nn.dot_product_attention(*_unpack(qkv + bias)))
@@ -282,8 +269,8 @@ def _kernel_grad_of(forward):
 
 def _strided_conv_input_grad(x, w, g, strides, pads: Pads):
     """The input gradient as one stride-1 convolution of ``g`` per phase of the stride (the
-    input positions ≡ (a, b) mod ``strides``), each with the taps that reach that phase:
-    XLA's own lowering convolves a zero-dilated ``g`` with every tap, 1.2–5× slower."""
+    input positions ≡ (a, b) mod ``strides``), each with the taps that reach that phase,
+    where XLA's own lowering convolves a zero-dilated ``g`` with every tap."""
     dx = jnp.zeros_like(x)
     for phase in itertools.product(*map(range, strides)):
         taps = [_phase_taps(k, s, lo, a) for k, s, (lo, _), a in
@@ -360,8 +347,12 @@ depthwise_conv = _with_gradients(_tap_sum, _tap_sum_input_grad, _tap_sum_kernel_
 
 
 def max_pool(x, window: Sequence[int], strides: Sequence[int], padding: str | Pads):
-    """Max pooling of NHWC ``x`` over ``window``, padded with -inf: ``padding`` is "SAME",
-    "VALID" or ((top, bottom), (left, right))."""
+    """Max pooling of NHWC ``x`` over ``window``, padded with -inf (``padding`` "SAME", "VALID"
+    or ((top, bottom), (left, right))): ``lax.reduce_window``'s max, exactly (NaN wins). On the
+    CPU the gradient goes to the first maximum (row-major) of each window, as PyTorch's
+    ``MaxPool2d``: without ties, ``lax.reduce_window``'s gradient to 1e-6. Float32 runs on
+    ``native.max_pool`` where the native library is enabled, else a loop over the window's taps;
+    other backends keep ``lax.reduce_window`` and its gradient."""
     window, strides = tuple(window), tuple(strides)
     pads = _explicit_pads(padding, x.shape[1:3], window, strides)
     return lax.platform_dependent(
@@ -420,8 +411,8 @@ _max_pool_first_max_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 def layer_norm(x, scale, bias, epsilon: float):
     """Normalizes each row of ``x`` (its last axis) to zero mean and unit variance (the variance
     of the centred values), then scales and shifts it: Flax's ``nn.LayerNorm``, computed in
-    float32. On the CPU, for float32 with the native library, one pass over memory each way
-    (``native.layer_norm``) where XLA's formulation makes several."""
+    float32: Flax's values and gradients within 1e-4 for inputs of unit scale. On the CPU, for
+    float32 with the native library enabled, ``native.layer_norm`` each way."""
     on_native = (x.dtype == scale.dtype == bias.dtype == jnp.float32 and x.ndim >= 2
               and native.enabled())
     if not on_native:
@@ -471,9 +462,10 @@ def hard_swish(x):
 
 @jax.custom_vjp
 def gelu(x):
-    """The exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, as PyTorch writes it. ``jax.nn.gelu``'s
-    exact form goes through erfc, which XLA expands into both of its branches: 2.6× slower
-    forward. The gradient recomputes Φ(x) and the density from ``x``, the one value kept."""
+    """The exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, as PyTorch writes it: ``jax.nn.gelu(x,
+    approximate=False)`` within 2e-6, values and gradient, on every backend, without the erfc
+    that XLA expands into both of its branches. The gradient recomputes Φ(x) and the density
+    from ``x``, the one value kept."""
     return 0.5 * x * (1.0 + lax.erf(x * _SQRT_HALF))
 
 
@@ -494,12 +486,10 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def bias_gelu(x, bias):
-    """``gelu(x + bias)``: a Dense layer's bias and activation. On the CPU, for float32 with the
-    native library, the gradient is one pass over memory (``native.gelu_backward``) that
-    adds the bias itself (the forward pass writes only the output), takes Φ from the output,
-    which the next layer keeps anyway, and sums the bias's gradient: no erf, and no reduction
-    of its own for the bias (ViT-S/16's fc1 at batch 16 on a Zen 1: 7.5 ms, XLA's formulation
-    9.9)."""
+    """``gelu(x + bias)``: a Dense layer's bias and activation, ``gelu``'s values and gradients
+    within 1e-5. On the CPU, for float32 with the native library enabled, the gradient is one
+    pass (``native.gelu_backward``) that adds the bias itself, takes Φ from the output and sums
+    the bias's gradient."""
     if not (x.dtype == bias.dtype == jnp.float32 and x.ndim >= 2 and native.enabled()):
         return gelu(x + bias)
     return lax.platform_dependent(x, bias, cpu=_native_bias_gelu,
@@ -526,10 +516,8 @@ _native_bias_gelu.defvjp(_native_bias_gelu_fwd, _native_bias_gelu_bwd)
 
 
 def _silu_derivative(pre):
-    """With the sigmoid as 0.5·(1 + tanh(pre/2)): written as the forward pass's, XLA computed
-    it once for both passes, in a fusion of its own whose output it wrote and kept for the
-    gradient (EfficientNet-B0 on a Zen 1: 65 such fusions, 155 ms of a 2.0 s step; the step
-    1.9–2.0 s after, in one process)."""
+    """SiLU's derivative, with the sigmoid as 0.5·(1 + tanh(pre/2)): written as the forward
+    pass's, XLA would compute it once for both passes and keep it for the gradient."""
     s = 0.5 + 0.5 * jnp.tanh(0.5 * pre)
     return s * (1.0 + pre * (1.0 - s))
 
@@ -551,9 +539,12 @@ ACTIVATIONS = {
 def batch_norm(x, scale, bias, eps: float, activation: str | None = None):
     """Normalizes ``x`` over all axes but the last with its batch statistics, then applies the
     named ``activation`` (a key of ``ACTIVATIONS``, or None): returns (``y``, mean, variance)
-    in float32, the variance as E[x²] − E[x]² (Flax's fast variance). The gradient recomputes
-    the activation's derivative from ``x``, and on the CPU from ``y`` too (SiLU's without an
-    exponential): nothing but those two, which the next layer keeps anyway, is kept for it."""
+    in float32, the variance as E[x²] − E[x]² (Flax's fast variance): ``nn.BatchNorm`` in
+    training mode followed by the activation, and autodiff of that formulation, to 1e-4
+    (values, statistics and gradients). On every backend the gradient is written out: two sums
+    and one elementwise loop, the activation's derivative recomputed from ``x`` (on the CPU
+    from ``y`` too, SiLU's without an exponential); each pair of sums is one pass of
+    ``native.batch_norm_sums`` / ``batch_norm_grad_sums`` for float32 where enabled."""
     return _batch_norm_fwd(x, scale, bias, eps, activation)[0]
 
 

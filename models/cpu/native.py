@@ -1,57 +1,16 @@
-"""Convolutions and batched matrix products through oneDNN (the kernels PyTorch runs on the
-CPU), as XLA FFI calls.
+"""The native library: this project's kernels (``csrc/``), oneDNN's and MKL's, as XLA FFI calls
+on the CPU, for float32 operands.
 
-XLA:CPU computes a convolution's kernel gradient 1.5–3× slower than oneDNN, and strided
-convolutions' input gradient up to 2.6× slower. ``conv`` runs all three passes of a float32
-NHWC convolution (any groups, depthwise too; no dilation) with oneDNN's primitives instead,
-through the handlers in ``csrc/onednn.cc``, built on first use with g++ against Debian's
-``libdnnl-dev`` (``make setup`` installs it as root) and jaxlib's FFI headers, and cached in
-``~/.cache/transferlab``. Under ``jit`` over a device mesh each device convolves its own shard
-of the batch (``custom_partitioning``), and the kernel gradient is summed over the batch axis.
-
-``dense`` runs a Dense layer over tokens as one matrix product per pass, its gradients
-reading the operands transposed in place: on MKL's sgemm where the ``mkl`` wheel is installed
-and the CPU is Intel's (``uses_mkl``; ``csrc/sgemm.cc``, the kernels PyTorch's Linear layers
-run; 5-30% faster than oneDNN 2.6's matmul on ViT-S/16's shapes on a Xeon), else on oneDNN's
-matmul (1.11–1.26× MKL's speed on an AMD EPYC).
-``self_attention`` runs multi-head self-attention per image and head with the logits in cache,
-from their product through the softmax to the product with the values (``csrc/attention.cc``),
-reading q, k and v packed as one Dense layer's product writes them, adding that layer's bias,
-and keeps each head's probabilities for the gradient, which recomputes none of the forward's.
-
-``available()`` says whether the library loaded; where it did not (no oneDNN, no compiler),
-``models.ops`` keeps XLA's convolutions and products, and ``unavailable_reason()`` says why.
-``TRANSFERLAB_ONEDNN=0`` turns it off; ``disabled()`` does so while tracing (XLA's cost
-analysis counts no flops in a foreign call).
-
-The kernel gradient of a depthwise convolution whose window is not 3×3 (EfficientNet's and
-MobileNetV3's 5×5) is this project's own (``csrc/depthwise_conv.cc``, OpenMP threads): oneDNN
-runs those on its grouped kernel, 3–4× slower.
-
-A training-mode batch norm's sums (``batch_norm_sums``, ``batch_norm_grad_sums``) are this
-project's own too (``csrc/batch_norm.cc``): each pair in one pass over the activations, per image
-(a mesh shards the batch), where XLA takes a pass per sum and materializes the gradient first.
-
-So are a layer norm's forward and backward passes (``layer_norm``, ``layer_norm_backward``,
-``csrc/layer_norm.cc``), one pass over memory each, the exact GELU's gradient with its bias's
-(``gelu_backward``, ``csrc/gelu.cc``), and max pooling (``max_pool``, 4.7× faster
-than XLA's reduce-window on ResNet's stem) and its gradient (``max_pool_backward``,
-``csrc/max_pool.cc``), 5× faster than XLA's formulation of it.
-``materialize`` computes nothing: it makes XLA write a value once for all its consumers.
-
-3×3 stride-1 ungrouped convolutions (most of a ResNet's flops) run oneDNN's Winograd kernels
-in all three passes: 1.4–2.1× faster than direct convolution on this project's CPU, values
-within ~3e-6 of the largest output (direct and XLA differ from each other by about as much).
-oneDNN has them for AVX-512 only; elsewhere (AVX2) they are this project's own
-(``models.winograd``, ``csrc/winograd.cc``: ResNet-18's train step 3.1 → 6.1 img/s on a Zen 1).
-``TRANSFERLAB_ONEDNN_WINOGRAD=0``, read while tracing, keeps them direct.
-
-The library brings in GNU OpenMP, which reads its settings once, as it loads: this module loads
-it with ``OPENMP_DEFAULTS`` (``OMP_WAIT_POLICY=PASSIVE``) unless the environment sets them. By
-default an OpenMP worker spins for milliseconds after each call here, holding one of the cores
-on which XLA runs the fused element-wise ops between two calls; passive, it sleeps at once (the
-README's Speed section has the measurements). Where another library loaded OpenMP first
-(``import torch`` before the first oneDNN call), its settings stay.
+Each function computes the operation its docstring names, equal to that of JAX or Flax to the
+tolerance it states (checked by tests/cpu/test_native.py); ``models.cpu.dispatch`` decides where
+each applies. The library is built on first use with g++ against Debian's ``libdnnl-dev``
+(``make setup`` installs it) and jaxlib's FFI headers, with MKL's sgemm where the ``mkl`` wheel
+is installed, and cached in ``~/.cache/transferlab``. ``available()`` says whether it loaded
+(``unavailable_reason()`` why not); ``enabled()`` whether calls traced now go to it, which
+``TRANSFERLAB_NATIVE=0`` (``models.cpu.switches``) and ``disabled()`` turn off. Under ``jit``
+over a mesh each device computes its own images (``per_image``). GNU OpenMP, which the library
+loads, starts with ``OPENMP_DEFAULTS`` unless the environment (or an OpenMP loaded before) sets
+them.
 """
 
 from __future__ import annotations
@@ -73,6 +32,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from models.cpu import switches
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("onednn.cc", "attention.cc", "depthwise_conv.cc",
                                          "batch_norm.cc", "layer_norm.cc", "gelu.cc",
@@ -91,6 +52,8 @@ TARGETS = {"forward": "OnednnConvForward", "backward_data": "OnednnConvBackwardD
            "gelu_backward": "GeluBackward",
            "materialize": "Materialize", "winograd_input": "WinogradInput",
            "winograd_output": "WinogradOutput", "winograd_grad": "WinogradGrad"}
+# GNU OpenMP reads its settings once, as it loads. Its workers spin after each call by default,
+# holding cores on which XLA runs the element-wise work between two calls; passive, they sleep.
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 # -fno-trapping-math: no code here reads floating-point exceptions, and without it GCC leaves
 # scalar any loop that clamps a float before converting it to an integer (``Exp`` in
@@ -103,23 +66,26 @@ _disabled_while_tracing = [False]
 
 
 def enabled() -> bool:
-    """Whether convolutions and batched products traced now go to oneDNN."""
-    return (not _disabled_while_tracing[0] and os.environ.get("TRANSFERLAB_ONEDNN", "1") != "0"
+    """Whether operations traced now go to the native library: it loaded, the default backend is
+    the CPU, ``TRANSFERLAB_NATIVE`` is not 0 and no ``disabled()`` block is open."""
+    return (not _disabled_while_tracing[0] and switches.on("TRANSFERLAB_NATIVE")
             and jax.default_backend() == "cpu" and available())
 
 
 def available() -> bool:
+    """Whether the library built (on the first call) and loaded."""
     return _library() is not None
 
 
 def unavailable_reason() -> str | None:
+    """Why the library did not load (the build's or the loader's error), or None."""
     return None if available() else _library.reason
 
 
 @contextlib.contextmanager
 def disabled():
-    """Convolutions and products traced inside do not go to oneDNN (for ``cost_analysis``
-    flops). A function ``jit`` traced before keeps its trace: trace a new one."""
+    """Operations traced inside keep XLA's own lowering, e.g. for ``cost_analysis``, which
+    counts no flops in a foreign call. A function ``jit`` traced before keeps its trace."""
     before, _disabled_while_tracing[0] = _disabled_while_tracing[0], True
     try:
         yield
@@ -208,7 +174,7 @@ def _library():
             library = ctypes.CDLL(str(path))
     except OSError as e:
         _library.reason = str(e)
-        logging.warning("CPU convolutions and products stay XLA's (slower): %s", e)
+        logging.warning("The native CPU kernels are unavailable; XLA's own run: %s", e)
         return None
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f"transferlab_onednn_{name}",
@@ -227,16 +193,10 @@ def has_mkl(library=None) -> bool:
 
 
 def uses_mkl() -> bool:
-    """Whether Dense layers' products and the wide 1×1 convolutions (``sgemm_suits``) go to
-    MKL's sgemm (``has_mkl``) rather than oneDNN's matmul: on Intel's CPUs, for which MKL's
-    kernels are written (on a Xeon it ran ViT-S/16's products 5-30% faster than oneDNN 2.6's
-    matmul), not on others (on an AMD EPYC of the Zen 4 family, oneDNN's ran them 1.11–1.26×
-    faster than MKL's, which PyTorch's Linear layers run). ``TRANSFERLAB_MKL=1`` or ``0``
-    decides instead; read while tracing."""
-    choice = os.environ.get("TRANSFERLAB_MKL", "")
-    if choice not in ("", "0", "1"):
-        raise ValueError(f"TRANSFERLAB_MKL={choice!r}: set it to 1 (MKL's sgemm), 0 (oneDNN's "
-                         "matmul) or leave it unset (MKL on Intel's CPUs only).")
+    """Whether matrix products (``dense``) run on MKL's sgemm rather than oneDNN's matmul: where
+    the library has it (``has_mkl``) and ``TRANSFERLAB_MKL`` is 1, or unset on an Intel CPU;
+    read while tracing."""
+    choice = switches.value("TRANSFERLAB_MKL")
     wanted = choice == "1" if choice else cpu_info().get("vendor_id") == "GenuineIntel"
     return wanted and has_mkl()
 
@@ -253,36 +213,16 @@ def cpu_info() -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in fields}
 
 
-def sgemm_suits(kernel_shape, strides, pads, groups: int) -> bool:
-    """Whether a convolution runs as a Dense layer on MKL's sgemm (``dense``) instead, where
-    ``uses_mkl``: 1×1, stride 1, unpadded, ungrouped, at least 128 channels in and out. There
-    oneDNN 2.6's 1×1 kernels took 1.1–1.4× MKL's time over the three passes on a Xeon
-    (ResNet-50's stages 2–4, the widest pointwise layers of MobileNetV2 and EfficientNet); with
-    fewer channels they were as fast or faster."""
-    return (tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and groups == 1
-            and not any(any(pad) for pad in pads) and min(kernel_shape[2:]) >= 128
-            and uses_mkl())
+# oneDNN's jit_wino_4x3 and jit_wino_2x3 kernels are built for avx512_core.
+_ONEDNN_WINOGRAD_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
 
-def winograd_suits(kernel_shape, strides, groups: int) -> bool:
-    """Whether a convolution goes to Winograd kernels: oneDNN's, or where the machine has none
-    of oneDNN's, this project's (``models.winograd.suits``)."""
-    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and groups == 1
-            and os.environ.get("TRANSFERLAB_ONEDNN_WINOGRAD", "1") != "0")
+def onednn_has_winograd() -> bool:
+    """Whether oneDNN has Winograd kernels of its own for this CPU (AVX-512)."""
+    return _ONEDNN_WINOGRAD_FLAGS <= set(cpu_info().get("flags", "").split())
 
 
-def _call(name: str, a, b, out_shape, geometry: tuple[tuple[int, int], Pads, int]):
-    strides, ((top, bottom), (left, right)), groups = geometry
-    kernel_shape = out_shape if name.endswith("backward_weights") else b.shape
-    out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
-    return jax.ffi.ffi_call(f"transferlab_onednn_{name}", out, vmap_method="sequential")(
-        a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-        pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-        pad_right=np.int64(right), groups=np.int64(groups),
-        winograd=np.int64(winograd_suits(kernel_shape, strides, groups)))
-
-
-def _output_shape(x_shape, window, strides, pads: Pads, channels: int):
+def output_shape(x_shape, window, strides, pads: Pads, channels: int):
     """The NHWC shape of a convolution's or a pooling's output over ``window``."""
     hw = [(size + lo + hi - k) // s + 1
           for size, (lo, hi), k, s in zip(x_shape[1:3], pads, window, strides)]
@@ -299,71 +239,113 @@ def _non_batch_factors(rule: str) -> tuple[str, ...]:
     return tuple(f for f in factors if f != "b")
 
 
-def _batch_parallel(rule: str, local_fn, batch_in_output: bool):
-    """``local_fn(a, b, out_shape, params)`` (``params`` static) partitioned over the batch
-    (first) axis: each device runs it on its shard of ``a`` (and of ``b`` when the result has
-    no batch axis, which is then summed over the devices); ``b`` is otherwise replicated."""
-    @functools.partial(custom_partitioning, static_argnums=(2, 3))
-    def fn(a, b, out_shape, params):
-        return local_fn(a, b, out_shape, params)
+def _one_or_tuple(items: tuple):
+    return items[0] if len(items) == 1 else items
 
-    def output_sharding(mesh, arg_shapes):
-        return NamedSharding(mesh, P(_batch_axis(arg_shapes[0]) if batch_in_output else None))
 
-    def partition(out_shape, params, mesh, arg_shapes, result_shape):
+def per_image(local, rule: str, statics: int = 0):
+    """``local(*operands, *static)`` partitioned over the batch (first) axis: each device
+    computes its own images. ``rule`` names each operand's and result's axes, ``b`` the batch:
+    operands without it are replicated; a result with it is split like the first operand, one
+    without it (a sum over the images) is summed over the devices. The last ``statics``
+    arguments are static, the first of them the result's shape, which each device gets for its
+    own images."""
+    operand_specs, result_specs = ([spec.split() for spec in side.split(",")]
+                                   for side in rule.split("->"))
+    summed = tuple(spec[0] != "b" for spec in result_specs)
+    first_static = len(operand_specs)
+
+    @functools.partial(custom_partitioning,
+                       static_argnums=tuple(range(first_static, first_static + statics)))
+    def fn(*args):
+        return local(*args)
+
+    def result_shardings(mesh, arg_shapes):
+        batch = NamedSharding(mesh, P(_batch_axis(arg_shapes[0])))
+        return _one_or_tuple(tuple(NamedSharding(mesh, P()) if s else batch for s in summed))
+
+    def partition(*args):
+        static, (mesh, arg_shapes, _) = args[:statics], args[statics:]
         batch = _batch_axis(arg_shapes[0])
-        sharded, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
-        operands = (sharded, replicated if batch_in_output else sharded)
+        operands = tuple(NamedSharding(mesh, P(batch) if spec[0] == "b" else P())
+                         for spec in operand_specs)
 
-        def lower(a, b):
-            shape = (a.shape[0], *out_shape[1:]) if batch_in_output else out_shape
-            out = local_fn(a, b, shape, params)
-            return out if batch_in_output or batch is None else jax.lax.psum(out, batch)
-        return mesh, lower, output_sharding(mesh, arg_shapes), operands
+        def lower(*operands):
+            own = static
+            if statics and not summed[0]:  # the result's shape over this device's images
+                own = ((operands[0].shape[0], *static[0][1:]), *static[1:])
+            results = local(*operands, *own)
+            if batch is None or not any(summed):
+                return results
+            results = results if len(summed) > 1 else (results,)
+            return _one_or_tuple(tuple(jax.lax.psum(r, batch) if s else r
+                                       for r, s in zip(results, summed)))
+        return mesh, lower, result_shardings(mesh, arg_shapes), operands
 
     fn.def_partition(
-        infer_sharding_from_operands=lambda *a: output_sharding(a[2], a[3]),
+        infer_sharding_from_operands=lambda *args: result_shardings(*args[statics:statics + 2]),
         partition=partition, sharding_rule=rule,
-        reduction_factors=() if batch_in_output else ("b",),
+        reduction_factors=("b",) if any(summed) else (),
         need_replication_factors=_non_batch_factors(rule))
     return fn
 
 
+Geometry = tuple[tuple[int, int], Pads, int, bool]  # strides, pads, groups, winograd
+
+
+def _conv_call(name: str, a, b, out_shape, geometry: Geometry):
+    strides, ((top, bottom), (left, right)), groups, winograd = geometry
+    out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+    return jax.ffi.ffi_call(f"transferlab_onednn_{name}", out, vmap_method="sequential")(
+        a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+        pad_right=np.int64(right), groups=np.int64(groups), winograd=np.int64(winograd))
+
+
+def _conv_pass(name: str, rule: str):
+    return per_image(functools.partial(_conv_call, name), rule, statics=2)
+
+
 # The kernel's input channels (d) are those of one group: c / groups.
-_forward = _batch_parallel("b h w c, k l d o -> b i j o", functools.partial(_call, "forward"), True)
-_backward_data = _batch_parallel("b i j o, k l d o -> b h w c",
-                                 functools.partial(_call, "backward_data"), True)
-_backward_weights = _batch_parallel("b h w c, b i j o -> k l d o",
-                                    functools.partial(_call, "backward_weights"), False)
-_depthwise_backward_weights = _batch_parallel(
-    "b h w c, b i j o -> k l d o", functools.partial(_call, "depthwise_backward_weights"), False)
+_forward = _conv_pass("forward", "b h w c, k l d o -> b i j o")
+_backward_data = _conv_pass("backward_data", "b i j o, k l d o -> b h w c")
+_backward_weights = _conv_pass("backward_weights", "b h w c, b i j o -> k l d o")
+_depthwise_backward_weights = _conv_pass("depthwise_backward_weights",
+                                         "b h w c, b i j o -> k l d o")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv(x, w, strides: tuple[int, int], pads: Pads, groups: int = 1):
-    """Convolution of float32 NHWC ``x`` with an HWIO kernel ``w`` (no dilation), ``pads``
-    explicit ((top, bottom), (left, right)), ``groups`` its ``feature_group_count``:
-    ``lax.conv_general_dilated``'s values."""
-    return _forward(x, w, _output_shape(x.shape, w.shape[:2], strides, pads, w.shape[3]), (strides, pads, groups))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv(x, w, strides: tuple[int, int], pads: Pads, groups: int = 1, winograd: bool = False):
+    """``lax.conv_general_dilated`` of float32 NHWC ``x`` with an HWIO kernel ``w`` (no
+    dilation), ``pads`` explicit ((top, bottom), (left, right)), ``groups`` its
+    ``feature_group_count``, on oneDNN's kernels in all three passes: direct ones, or with
+    ``winograd`` (for 3×3, stride 1, ungrouped) its Winograd F(4×4, 3×3) where it has them for
+    the CPU (``onednn_has_winograd``). Values and gradients within 1e-4 of XLA's for operands
+    of unit scale; Winograd's within 1e-5 of the largest. The kernel gradient of a depthwise
+    convolution whose window is not 3×3 is this project's (``csrc/depthwise_conv.cc``)."""
+    out_shape = output_shape(x.shape, w.shape[:2], strides, pads, w.shape[3])
+    return _forward(x, w, out_shape, (strides, pads, groups, winograd))
 
 
-def _conv_forward(x, w, strides, pads, groups):
-    return conv(x, w, strides, pads, groups), (x, w)
+def _conv_forward(x, w, strides, pads, groups, winograd):
+    return conv(x, w, strides, pads, groups, winograd), (x, w)
 
 
-def _conv_backward(strides, pads, groups, residuals, dy):
+def _conv_backward(strides, pads, groups, winograd, residuals, dy):
     x, w = residuals
-    # oneDNN's depthwise kernel gradient is 3×3 only; its grouped one is 3–4× slower than ours
+    # oneDNN's depthwise kernel gradient takes 3×3 windows only, others its grouped kernel's
     own = groups == x.shape[-1] == w.shape[-1] and tuple(w.shape[:2]) != (3, 3)
     kernel_gradient = _depthwise_backward_weights if own else _backward_weights
-    geometry = (strides, pads, groups)
-    return (_backward_data(dy, w, x.shape, geometry), kernel_gradient(x, dy, w.shape, geometry))
+    geometry = (strides, pads, groups, winograd)
+    return (_backward_data(dy, w, x.shape, geometry),
+            kernel_gradient(x, dy, w.shape, geometry))
 
 
 conv.defvjp(_conv_forward, _conv_backward)
 
 
 Axes = tuple[int, int, int, int]
+_ROWS, _COLUMNS = (0, 1, 2, 3), (0, 1, 3, 2)  # a matrix's view: itself, or its transpose
 
 
 def _view_shape(shape, axes: Axes):
@@ -382,7 +364,12 @@ def _matmul_call(a, b, a_axes: Axes, b_axes: Axes, out_axes: Axes):
         out_axes=np.array(out_axes, np.int64))
 
 
-_ROWS, _COLUMNS = (0, 1, 2, 3), (0, 1, 3, 2)  # a matrix's view: itself, or its transpose
+def matmuls(a, b, transpose_a: bool = False, transpose_b: bool = False):
+    """The products a[k]·b[k] over the leading axis of float32 ``a`` and ``b`` (rank 3), either
+    read transposed in place (``transpose_a``, ``transpose_b``), on oneDNN's matmul: those of
+    ``jnp.matmul``, to float32 rounding."""
+    view = lambda transposed: _COLUMNS if transposed else _ROWS
+    return _matmul_call(a[None], b[None], view(transpose_a), view(transpose_b), _ROWS)[0]
 
 
 def _matrix_product(a, b, out_shape, transposed: str):
@@ -400,17 +387,18 @@ def _matrix_product(a, b, out_shape, transposed: str):
     return out.reshape(out_shape)
 
 
-_dense_forward = _batch_parallel("b r k, k n -> b r n", _matrix_product, True)
-_dense_input_grad = _batch_parallel("b r n, k n -> b r k", _matrix_product, True)
-_dense_kernel_grad = _batch_parallel("b r k, b r n -> k n", _matrix_product, False)
+_dense_forward = per_image(_matrix_product, "b r k, k n -> b r n", statics=2)
+_dense_input_grad = per_image(_matrix_product, "b r n, k n -> b r k", statics=2)
+_dense_kernel_grad = per_image(_matrix_product, "b r k, b r n -> k n", statics=2)
 
 
 @jax.custom_vjp
 def dense(x, w):
     """``x @ w`` of float32 ``x`` (batch, rows, k) and ``w`` (k, n), a Dense layer over tokens,
-    as one product of (batch × rows) by k and k by n matrices; its gradients likewise, reading
-    ``w`` and ``x`` transposed in place. A mesh shards the batch: each device multiplies its own
-    rows, and the kernel gradient is summed over the devices."""
+    as one matrix product (MKL's sgemm where ``uses_mkl``, else oneDNN's matmul), and its
+    gradients likewise, reading ``w`` and ``x`` transposed in place: ``lax.dot_general``'s
+    values to float32 rounding (within 1e-4 for operands of unit scale). Under a mesh the
+    kernel gradient is summed over the devices."""
     return _dense_forward(x, w, (*x.shape[:2], w.shape[1]), "")
 
 
@@ -434,41 +422,17 @@ def _sums_shape(x):
     return jax.ShapeDtypeStruct((x.shape[0], 2, x.shape[-1]), jnp.float32)
 
 
-def _per_image(local, rule: str):
-    """``local`` partitioned over the batch (first) axis of its operands and results: each
-    device computes its own images; operands whose rule has no batch factor are replicated."""
-    @custom_partitioning
-    def fn(*args):
-        return local(*args)
-
-    operand_specs, result_specs = (side.split(",") for side in rule.split("->"))
-
-    def output_sharding(mesh, arg_shapes, result_shape=None):
-        sharded = NamedSharding(mesh, P(_batch_axis(arg_shapes[0])))
-        return sharded if len(result_specs) == 1 else (sharded,) * len(result_specs)
-
-    def partition(mesh, arg_shapes, result_shape):
-        sharded = NamedSharding(mesh, P(_batch_axis(arg_shapes[0])))
-        replicated = NamedSharding(mesh, P())
-        operands = tuple(sharded if spec.split()[0] == "b" else replicated
-                         for spec in operand_specs)
-        return mesh, local, output_sharding(mesh, arg_shapes), operands
-
-    fn.def_partition(infer_sharding_from_operands=output_sharding, partition=partition,
-                     sharding_rule=rule, need_replication_factors=_non_batch_factors(rule))
-    return fn
-
-
 def _sums_call(x):
     return jax.ffi.ffi_call("transferlab_onednn_batch_norm_sums", _sums_shape(x),
                             vmap_method="sequential")(x)
 
 
-_per_image_sums = _per_image(_sums_call, "b h w c -> b t c")
+_per_image_sums = per_image(_sums_call, "b h w c -> b t c")
 
 
 def batch_norm_sums(x):
-    """(N, 2, C): Σ x and Σ x² over each image's pixels of float32 NHWC ``x``."""
+    """(N, 2, C): Σ x and Σ x² over each image's pixels of float32 NHWC ``x``, in one pass;
+    numpy's sums to a relative 1e-5 (accumulated in double past 64 rows)."""
     return _per_image_sums(x)
 
 
@@ -477,7 +441,7 @@ def _grad_sums_call(x, dy, affine):
                             vmap_method="sequential")(x, dy, affine)
 
 
-_per_image_grad_sums = _per_image(_grad_sums_call, "b h w c, b h w c, r c -> b t c")
+_per_image_grad_sums = per_image(_grad_sums_call, "b h w c, b h w c, r c -> b t c")
 
 
 @functools.cache
@@ -488,13 +452,14 @@ def _per_image_activation_grad_sums(activation: str):
         shapes = (_sums_shape(x), jax.ShapeDtypeStruct(x.shape, jnp.float32))
         return jax.ffi.ffi_call("transferlab_onednn_batch_norm_activation_grad_sums", shapes,
                                 vmap_method="sequential")(x, y, dy, affine, activation=code)
-    return _per_image(local, "b h w c, b h w c, b h w c, r c -> b t c, b h w c")
+    return per_image(local, "b h w c, b h w c, b h w c, r c -> b t c, b h w c")
 
 
 def batch_norm_grad_sums(x, y, dy, a, b, mean, activation: str | None = None):
     """((N, 2, C), g): Σ g and Σ g·(x − mean) over each image's pixels of float32 NHWC ``x``
     and ``dy``, and g = dy · act'(a·x + b) for the named ``activation`` (None: g = dy), where
-    y = act(a·x + b) is the forward pass's output (unused without an activation)."""
+    y = act(a·x + b) is the forward pass's output (unused without an activation), in one pass;
+    SiLU's derivative comes from y, within 2e-6 (relative) of float64's σ + pre·σ·(1 − σ)."""
     affine = jnp.stack([a, b, mean])
     if activation is None:
         return _per_image_grad_sums(x, dy, affine), dy
@@ -511,17 +476,17 @@ def _pool_attributes(window: tuple[int, int], strides: tuple[int, int], pads: Pa
 @functools.cache
 def _per_image_max_pool(window: tuple[int, int], strides: tuple[int, int], pads: Pads):
     def local(x):
-        out = jax.ShapeDtypeStruct(_output_shape(x.shape, window, strides, pads, x.shape[3]),
+        out = jax.ShapeDtypeStruct(output_shape(x.shape, window, strides, pads, x.shape[3]),
                                    jnp.float32)
         return jax.ffi.ffi_call("transferlab_onednn_max_pool_forward", out,
                                 vmap_method="sequential")(
             x, **_pool_attributes(window, strides, pads))
-    return _per_image(local, "b h w c -> b i j c")
+    return per_image(local, "b h w c -> b i j c")
 
 
 def max_pool(x, window: tuple[int, int], strides: tuple[int, int], pads: Pads):
     """Max pooling of float32 NHWC ``x`` over ``window`` at ``strides``, padded ((top, bottom),
-    (left, right)) with -inf: ``lax.reduce_window``'s values (NaN wins), in one pass."""
+    (left, right)) with -inf: ``lax.reduce_window``'s max, exactly (NaN wins)."""
     return _per_image_max_pool(tuple(window), tuple(strides), tuple(pads))(x)
 
 
@@ -533,13 +498,15 @@ def _per_image_max_pool_backward(window: tuple[int, int], strides: tuple[int, in
                                 jax.ShapeDtypeStruct(x.shape, jnp.float32),
                                 vmap_method="sequential")(
             x, y, dy, **_pool_attributes(window, strides, pads))
-    return _per_image(local, "b h w c, b i j c, b i j c -> b h w c")
+    return per_image(local, "b h w c, b i j c, b i j c -> b h w c")
 
 
 def max_pool_backward(x, y, dy, window: tuple[int, int], strides: tuple[int, int], pads: Pads):
     """The gradient of max pooling float32 NHWC ``x`` (``y`` the pooled result, ``dy`` its
     gradient) over ``window`` at ``strides``, padded ((top, bottom), (left, right)) with -inf:
-    each output's gradient goes to the first tap (row-major) that holds its maximum."""
+    each output's gradient goes to the first tap (row-major) that holds its maximum, as
+    PyTorch's ``MaxPool2d``; without ties, the gradient of ``lax.reduce_window``'s max to 1e-6
+    (overlapping windows add in turn)."""
     return _per_image_max_pool_backward(tuple(window), tuple(strides), tuple(pads))(x, y, dy)
 
 
@@ -558,22 +525,19 @@ def _attention_backward_call(qkv, bias, probabilities, dout):
                             vmap_method="sequential")(qkv, bias, probabilities, dout)
 
 
-_attention_forward = _per_image(_attention_forward_call,
-                                "b t i h d, i h d -> b t h d, b h t s")
-_attention_backward = _per_image(_attention_backward_call,
-                                 "b t i h d, i h d, b h t s, b t h d -> b t i h d, b i h d")
+_attention_forward = per_image(_attention_forward_call, "b t i h d, i h d -> b t h d, b h t s")
+_attention_backward = per_image(_attention_backward_call,
+                                "b t i h d, i h d, b h t s, b t h d -> b t i h d, b i h d")
 
 
 @jax.custom_vjp
 def self_attention(qkv, bias):
-    """softmax(q·kᵀ/√depth)·v for each image and head of q, k, v = ``qkv[:, :, 0]``,
-    ``qkv[:, :, 1]``, ``qkv[:, :, 2]`` plus ``bias`` (3, heads, depth), float32 ``qkv`` (batch,
-    tokens, 3, heads, depth): the product of one Dense layer with the three kernels side by
-    side, read in place, the layer's bias added on the way. One task per image and head whose
-    logits stay in cache from their product to the product with v. Each head's probabilities
-    (tokens × tokens) go to memory once, for the gradient (packed like qkv, for the product
-    back through that layer, and the bias's from the same pass), which then recomputes neither
-    the logits nor their exponentials. A mesh shards the batch."""
+    """``jax.nn.dot_product_attention`` (no mask) of q, k, v = ``qkv[:, :, i] + bias[i]``,
+    float32 ``qkv`` (batch, tokens, 3, heads, depth) as one Dense layer with the three kernels
+    side by side writes it, read in place, ``bias`` (3, heads, depth): values within 1e-5 and
+    gradients within 5e-5 for operands of unit scale. One task per image and head
+    (``csrc/attention.cc``); each head's probabilities are kept for the gradient, which
+    recomputes neither the logits nor their exponentials."""
     return _attention_forward(qkv, bias)[0]
 
 
@@ -603,13 +567,14 @@ def _per_image_layer_norm(epsilon: float):
         return jax.ffi.ffi_call("transferlab_onednn_layer_norm_backward", results,
                                 vmap_method="sequential")(x, scale, dy,
                                                           epsilon=np.float32(epsilon))
-    return (_per_image(forward, "b r c, c, c -> b r c"),
-            _per_image(backward, "b r c, c, b r c -> b r c, b t c"))
+    return (per_image(forward, "b r c, c, c -> b r c"),
+            per_image(backward, "b r c, c, b r c -> b r c, b t c"))
 
 
 def layer_norm(x, scale, bias, epsilon: float):
-    """Layer normalization over the last axis of float32 ``x`` (batch, rows, c):
-    (x − mean)/√(var + epsilon)·scale + bias for each row, in one pass over memory."""
+    """Flax's ``nn.LayerNorm`` over the last axis of float32 ``x`` (batch, rows, c):
+    (x − mean)/√(var + epsilon)·scale + bias for each row, in one pass over memory; within
+    1e-4 of Flax's, values and gradients, for inputs of unit scale."""
     return _per_image_layer_norm(float(epsilon))[0](x, scale, bias)
 
 
@@ -627,15 +592,15 @@ def _gelu_backward_call(x, bias, y, dy):
                             vmap_method="sequential")(x, bias, y, dy)
 
 
-_per_image_gelu_backward = _per_image(_gelu_backward_call,
-                                      "b r c, c, b r c, b r c -> b r c, b c")
+_per_image_gelu_backward = per_image(_gelu_backward_call,
+                                     "b r c, c, b r c, b r c -> b r c, b c")
 
 
 def gelu_backward(x, bias, y, dy):
     """The gradient of the exact GELU of ``x + bias`` (float32 ``x`` (batch, rows, c), ``bias``
     (c)) given ``dy``, from its output ``y`` and one exponential (``csrc/gelu.cc``): (du,
     sums), sums (batch, c) holding each image's Σ du over its rows (the bias's gradient, summed
-    over the images)."""
+    over the images). du within 1e-5 (relative) of float64's, across float32's range."""
     return _per_image_gelu_backward(x, bias, y, dy)
 
 
@@ -648,13 +613,14 @@ def _materialize_call(x):
 @functools.cache
 def _per_image_materialize(rank: int):
     axes = " ".join(f"a{i}" for i in range(1, rank))
-    return _per_image(_materialize_call, f"b {axes} -> b {axes}")
+    return per_image(_materialize_call, f"b {axes} -> b {axes}")
 
 
 @jax.custom_vjp
 def materialize(x):
-    """``x`` (at least 1-D), through a call that computes nothing (``csrc/materialize.cc``): XLA
-    writes it to memory once, and every consumer reads it there. So is its gradient."""
+    """``x`` (at least 1-D) exactly, through a call that computes nothing
+    (``csrc/materialize.cc``): XLA writes it to memory once, and every consumer reads it there.
+    So is its gradient."""
     return _per_image_materialize(x.ndim)(x)
 
 

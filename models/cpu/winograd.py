@@ -1,24 +1,18 @@
 """3×3 stride-1 convolutions as Winograd's F(4×4, 3×3) algorithm (Lavin & Gray, 2015), all
-three passes, on CPUs where oneDNN has no Winograd kernels of its own.
+three passes, for CPUs where oneDNN has no Winograd kernels of its own (no AVX-512).
 
-oneDNN 2.6's Winograd kernels need AVX-512; without it (AVX2 CPUs such as AMD's Zen 1–3) a 3×3
-convolution runs oneDNN's direct kernel, at the machine's peak of multiply-adds already (a
-ResNet-18 stage-1 convolution's forward pass: 3.7 GFLOP in 80 ms on a 2-core Zen 1, whose
-1024³ product runs at 43 GFLOP/s). F(4×4, 3×3) computes each 4×4 output tile from a 6×6 input
-tile with 36 multiplies per channel pair instead of 144: the input tiles' transform Bᵀ·d·B and
-the output tiles' Aᵀ·m·A are this project's kernels (``csrc/winograd.cc``), and between them
-are 36 matrix products over all tiles of the batch (oneDNN's matmul):
+Each 4×4 output tile comes from a 6×6 input tile: the tiles' transforms Bᵀ·d·B and Aᵀ·m·A
+are this project's kernels (``csrc/winograd.cc``), and between them are 36 matrix products
+over all tiles of the batch (oneDNN's matmul):
 
 - forward: y = Aᵀ·[(G·w·Gᵀ) · (Bᵀ·x·B)]·A, the product contracting the input channels;
 - input gradient: the forward pass of the output gradient with the kernel turned 180° and its
   channel axes swapped;
 - kernel gradient: w̄ = Gᵀ·[(Bᵀ·x·B)ᵀ · (A·ȳ·Aᵀ)]·G, the product contracting the tiles.
 
-Values are those of ``lax.conv_general_dilated`` to about 1e-5 of the largest output (the
-transforms' sums of up to 36 terms in float32; oneDNN's own F(4×4, 3×3) kernels on AVX-512
-differ from direct convolution by about as much). ``TRANSFERLAB_ONEDNN_WINOGRAD=0`` keeps
-direct convolution here too. A mesh shards the batch: each device transforms and multiplies
-its own images' tiles, and the kernel gradient is summed over the devices.
+``conv`` equals ``lax.conv_general_dilated`` to 1e-5 of the largest output (and gradient);
+``models.cpu.dispatch`` sends it convolutions on the CPU, float32, with the native library
+loaded; ``TRANSFERLAB_WINOGRAD=0`` keeps them direct. A mesh shards the batch.
 """
 
 from __future__ import annotations
@@ -37,21 +31,10 @@ G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
-# oneDNN's jit_wino_4x3 and jit_wino_2x3 kernels are built for avx512_core.
-_ONEDNN_WINOGRAD_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
-
-def onednn_has_winograd() -> bool:
-    """Whether oneDNN runs Winograd kernels of its own on this CPU (AVX-512)."""
-    return _ONEDNN_WINOGRAD_FLAGS <= set(native.cpu_info().get("flags", "").split())
-
-
-def suits(kernel_shape, strides, pads: Pads, groups: int) -> bool:
-    """Whether a convolution runs here rather than on oneDNN: one that oneDNN would run as
-    Winograd (``native.winograd_suits``: 3×3, stride 1, ungrouped) padded by at most 2 on each
-    side, on a CPU where oneDNN has no Winograd kernels."""
-    return (native.winograd_suits(kernel_shape, strides, groups)
-            and all(0 <= p <= 2 for side in pads for p in side) and not onednn_has_winograd())
+def takes(pads: Pads) -> bool:
+    """Whether ``conv`` takes these pads: at most 2 on each side."""
+    return all(0 <= p <= 2 for side in pads for p in side)
 
 
 def _tiles(out_hw) -> tuple[int, int]:
@@ -93,8 +76,7 @@ _TURNED = _KERNEL[:, ::-1]
 
 
 def _kernel_transform(w, matrix):
-    """(36, I, O): ``matrix`` (36, 9) times the (3, 3, I, O) kernel's taps, one product (XLA's
-    is faster here than 36 sums of taps, 12 against 27 ms for 512 channels each way)."""
+    """(36, I, O): ``matrix`` (36, 9) times the (3, 3, I, O) kernel's taps, as one product."""
     return jnp.dot(matrix, w.reshape(9, -1)).reshape(ALPHA * ALPHA, *w.shape[2:])
 
 
@@ -103,41 +85,34 @@ def _kernel_gradient(du):
     return jnp.dot(_KERNEL.T, du.reshape(ALPHA * ALPHA, -1)).reshape(3, 3, *du.shape[1:])
 
 
-def _products(a, b, transpose_a: bool = False, transpose_b: bool = False):
-    """The 36 matrix products a[k]·b[k], either read transposed in place, on oneDNN's
-    matmul."""
-    view = lambda transposed: native._COLUMNS if transposed else native._ROWS
-    return native._matmul_call(a[None], b[None], view(transpose_a), view(transpose_b),
-                               native._ROWS)[0]
-
-
 def _convolve_local(x, u, out_shape, params: tuple[Pads, bool]):
     """The convolution of ``x`` whose kernel's transform is ``u`` (36, I, O), or with
     ``transpose_u`` (36, O, I) read transposed."""
     pads, transpose_u = params
     tiles = _tiles(out_shape[1:3])
     v = _input_transform(x, tiles, pads[0][0], pads[1][0])
-    return _output_transform(_products(v, u, transpose_b=transpose_u), out_shape, tiles)
+    return _output_transform(native.matmuls(v, u, transpose_b=transpose_u), out_shape, tiles)
 
 
 def _kernel_gradient_local(x, dy, u_shape, pads: Pads):
     """The gradient of the kernel's transform: (36, I, O)."""
     tiles = _tiles(dy.shape[1:3])
     v = _input_transform(x, tiles, pads[0][0], pads[1][0])
-    return _products(v, _gradient_transform(dy, tiles), transpose_a=True)
+    return native.matmuls(v, _gradient_transform(dy, tiles), transpose_a=True)
 
 
-_forward = native._batch_parallel("b h w c, k c o -> b i j o", _convolve_local, True)
-_backward_data = native._batch_parallel("b i j o, k c o -> b h w c", _convolve_local, True)
-_transform_gradient = native._batch_parallel("b h w c, b i j o -> k c o",
-                                             _kernel_gradient_local, False)
+_forward = native.per_image(_convolve_local, "b h w c, k c o -> b i j o", statics=2)
+_backward_data = native.per_image(_convolve_local, "b i j o, k c o -> b h w c", statics=2)
+_transform_gradient = native.per_image(_kernel_gradient_local, "b h w c, b i j o -> k c o",
+                                       statics=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x, w, pads: Pads):
-    """Stride-1 convolution of float32 NHWC ``x`` with a (3, 3, I, O) kernel ``w``, ``pads``
-    ((top, bottom), (left, right)) each at most 2: ``lax.conv_general_dilated``'s values."""
-    out_shape = native._output_shape(x.shape, (3, 3), (1, 1), pads, w.shape[3])
+    """``lax.conv_general_dilated`` of float32 NHWC ``x`` with a (3, 3, I, O) kernel ``w``,
+    stride 1, ``pads`` ((top, bottom), (left, right)) each at most 2 (``takes``): values and
+    gradients within 1e-5 of the largest of XLA's."""
+    out_shape = native.output_shape(x.shape, (3, 3), (1, 1), pads, w.shape[3])
     return _forward(x, _kernel_transform(w, _KERNEL), out_shape, (pads, False))
 
 

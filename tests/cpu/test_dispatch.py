@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 
 from models import layers
-from models.cpu import dispatch as ops, native as onednn
+from models.cpu import dispatch, native
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -39,17 +39,17 @@ def test_depthwise_conv_and_its_gradients_equal_xlas(size, channels, kernel, str
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, size, size, channels)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, channels)), jnp.float32)
-    with onednn.disabled():
+    with native.disabled():
         assert_same_values_and_gradients(
-            grouped_conv(ops.conv_general_dilated, (stride, stride), padding, channels),
+            grouped_conv(dispatch.conv_general_dilated, (stride, stride), padding, channels),
             grouped_conv(lax.conv_general_dilated, (stride, stride), padding, channels), x, w,
             atol=1e-5, grad_atol=2e-5)
 
 
 def test_depthwise_conv_on_the_cpu_is_no_grouped_convolution():
     x, w = jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 1, 4))
-    conv = grouped_conv(ops.conv_general_dilated, (1, 1), "SAME", 4)
-    with onednn.disabled():
+    conv = grouped_conv(dispatch.conv_general_dilated, (1, 1), "SAME", 4)
+    with native.disabled():
         hlo = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), (0, 1))).lower(x, w).as_text(
             dialect="hlo")
     assert jax.default_backend() == "cpu" and "feature_group_count" not in hlo
@@ -57,10 +57,24 @@ def test_depthwise_conv_on_the_cpu_is_no_grouped_convolution():
 
 def test_other_convolutions_without_onednn_are_xlas():
     x, w = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 2, 4))  # grouped, not depthwise
-    conv = grouped_conv(ops.conv_general_dilated, (1, 1), "SAME", 2)
-    with onednn.disabled():
+    conv = grouped_conv(dispatch.conv_general_dilated, (1, 1), "SAME", 2)
+    with native.disabled():
         np.testing.assert_array_equal(conv(x, w), grouped_conv(lax.conv_general_dilated,
                                                                (1, 1), "SAME", 2)(x, w))
+
+
+@pytest.mark.parametrize("kernel,groups,stride,padding,expected", [
+    (3, 4, 1, "SAME", "depthwise_taps"), (1, 1, 2, "VALID", "pointwise"),
+    (3, 1, 2, "SAME", "strided"), (3, 1, 1, "SAME", "xla"), (3, 2, 2, "SAME", "xla")])
+def test_convolutions_without_the_native_library_take_xlas_better_forms(kernel, groups, stride,
+                                                                        padding, expected):
+    x, w = jnp.zeros((2, 8, 8, 4)), jnp.zeros((kernel, kernel, 4 // groups, 4))
+    with native.disabled():
+        assert dispatch.conv_kernel(x, w, (stride, stride), padding, dimension_numbers=NHWC,
+                                    feature_group_count=groups) == expected
+        nchw = ("NCHW", "OIHW", "NCHW")
+        assert dispatch.conv_kernel(x, w, (stride, stride), padding, dimension_numbers=nchw,
+                                    feature_group_count=groups) == "xla"
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -69,8 +83,8 @@ def test_pointwise_conv_and_its_gradients_equal_xlas(stride):
     x = jnp.asarray(rng.standard_normal((2, 7, 7, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((1, 1, 6, 5)), jnp.float32)
     conv = lambda op: lambda x, w: op(x, w, (stride, stride), "VALID", dimension_numbers=NHWC)
-    with onednn.disabled():
-        assert_same_values_and_gradients(conv(ops.conv_general_dilated),
+    with native.disabled():
+        assert_same_values_and_gradients(conv(dispatch.conv_general_dilated),
                                          conv(lax.conv_general_dilated), x, w)
 
 
@@ -83,20 +97,20 @@ def test_strided_conv_and_its_gradients_equal_xlas(size, kernel, stride, padding
     w = jnp.asarray(rng.standard_normal((kernel, kernel, 4, 5)), jnp.float32)
     strides = (stride, stride) if isinstance(stride, int) else stride
     conv = lambda op: lambda x, w: op(x, w, strides, padding, dimension_numbers=NHWC)
-    with onednn.disabled():
-        assert_same_values_and_gradients(conv(ops.conv_general_dilated),
+    with native.disabled():
+        assert_same_values_and_gradients(conv(dispatch.conv_general_dilated),
                                          conv(lax.conv_general_dilated), x, w, atol=1e-4)
 
 
 @pytest.fixture(params=["native", "xla"])
 def kernels(request):
-    """This project's native kernels (``models.onednn``: oneDNN's products, max pooling's
+    """This project's native kernels (``models.cpu.native``: oneDNN's products, max pooling's
     gradient), or XLA's formulations."""
     if request.param == "xla":
-        with onednn.disabled():
+        with native.disabled():
             yield request.param
-    elif not onednn.available():
-        pytest.skip(f"the native library is unavailable ({onednn.unavailable_reason()})")
+    elif not native.available():
+        pytest.skip(f"the native library is unavailable ({native.unavailable_reason()})")
     else:
         yield request.param
 
@@ -113,12 +127,12 @@ def test_dot_general_and_its_gradients_equal_xlas(lhs_shape, rhs_shape, contract
     lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
     rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
     numbers = (contract, ((), ()))
-    assert_same_values_and_gradients(lambda a, b: ops.dot_general(a, b, numbers),
+    assert_same_values_and_gradients(lambda a, b: dispatch.dot_general(a, b, numbers),
                                      lambda a, b: lax.dot_general(a, b, numbers), lhs, rhs,
                                      atol=1e-4)
 
 
-@pytest.mark.parametrize("dot_general,copies", [(ops.dot_general, False),
+@pytest.mark.parametrize("dot_general,copies", [(dispatch.dot_general, False),
                                                 (lax.dot_general, True)])
 def test_dense_kernel_gradient_on_the_cpu_copies_no_transpose(dot_general, copies):
     x, w, g = jnp.zeros((16, 197, 384)), jnp.zeros((384, 1152)), jnp.zeros((16, 197, 1152))
@@ -138,7 +152,7 @@ def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, paddi
     pads = padding if isinstance(padding, str) else ((0, 0), *padding, (0, 0))
     theirs = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
                                          (1, stride, stride, 1), pads)
-    ours = lambda x: ops.max_pool(x, (window, window), (stride, stride), padding)
+    ours = lambda x: dispatch.max_pool(x, (window, window), (stride, stride), padding)
     expected, pullback = jax.vjp(theirs, x)
     g = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
     np.testing.assert_array_equal(ours(x), expected)
@@ -149,16 +163,16 @@ def test_max_pool_and_its_gradient_equal_xlas_without_ties(window, stride, paddi
 def test_residual_relu_and_its_gradient_are_relus_zeros_included(kernels):
     x = jnp.asarray([[-2.0, -0.0, 0.0, 1e-30, 3.0], [5.0, -1.0, 0.0, 2.0, -7.0]])
     g = jnp.arange(10, dtype=jnp.float32).reshape(2, 5) + 1.0
-    for fn in (ops.residual_relu, jax.nn.relu):
+    for fn in (dispatch.residual_relu, jax.nn.relu):
         np.testing.assert_array_equal(jax.jit(fn)(x), jax.nn.relu(x))
-    ours = jax.jit(lambda x, g: jax.vjp(ops.residual_relu, x)[1](g)[0])(x, g)
+    ours = jax.jit(lambda x, g: jax.vjp(dispatch.residual_relu, x)[1](g)[0])(x, g)
     np.testing.assert_array_equal(ours, jax.vjp(jax.nn.relu, x)[1](g)[0])
 
 
 def test_max_pool_passes_nans_and_pools_windows_half_in_the_padding_as_xla(kernels):
     x = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 5, 3) - 70.0
     x = x.at[0, 2, 2, 1].set(jnp.nan)
-    ours = jax.jit(lambda x: ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))))(x)
+    ours = jax.jit(lambda x: dispatch.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))))(x)
     theirs = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
     assert np.isnan(ours).sum() == 1
@@ -169,7 +183,7 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kernels):
     """As PyTorch's MaxPool2d: after a ReLU, windows of zeros pass their gradient to the top
     left zero only."""
     x = jnp.zeros((1, 4, 4, 1)).at[0, 3, 3, 0].set(1.0)
-    grad = jax.grad(lambda x: ops.max_pool(x, (2, 2), (2, 2), "VALID").sum())(x)[0, :, :, 0]
+    grad = jax.grad(lambda x: dispatch.max_pool(x, (2, 2), (2, 2), "VALID").sum())(x)[0, :, :, 0]
     expected = np.zeros((4, 4))
     expected[0, 0] = expected[0, 2] = expected[2, 0] = expected[3, 3] = 1.0
     np.testing.assert_array_equal(grad, expected)
@@ -190,14 +204,14 @@ def assert_batch_norm_equals_autodiff(activation, shape=(3, 4, 5, 6)):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape) * 2 + 1, jnp.float32)
     scale, bias = jnp.linspace(0.5, 4, shape[-1]), jnp.linspace(-3, 4, shape[-1])
-    assert_same_values_and_gradients(lambda *a: ops.batch_norm(*a, 1e-5, activation),
+    assert_same_values_and_gradients(lambda *a: dispatch.batch_norm(*a, 1e-5, activation),
                                      lambda *a: batch_norm_by_autodiff(*a, 1e-5, activation),
                                      x, scale, bias, atol=1e-4)
 
 
-@pytest.mark.parametrize("activation", [None, *ops.ACTIVATIONS])
+@pytest.mark.parametrize("activation", [None, *dispatch.ACTIVATIONS])
 def test_batch_norm_and_its_gradients_equal_autodiff(activation):
-    with onednn.disabled():  # XLA's sums (test_onednn checks the native ones)
+    with native.disabled():  # XLA's sums (test_native checks the native ones)
         assert_batch_norm_equals_autodiff(activation)
 
 
@@ -215,7 +229,7 @@ class FlaxBatchNormThen(nn.Module):
                                  jnp.tanh])
 def test_fused_batch_norm_trains_and_evaluates_as_flaxs_then_its_activation(act):
     """Same variables, outputs, running statistics and gradients as ``nn.BatchNorm`` followed
-    by ``act``, whether ``ops.batch_norm`` fuses it (all but tanh) or not."""
+    by ``act``, whether ``dispatch.batch_norm`` fuses it (all but tanh) or not."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
     g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -249,12 +263,12 @@ def test_fused_batch_norm_trains_and_evaluates_as_flaxs_then_its_activation(act)
 
 def test_gelu_and_its_gradient_equal_jaxs_exact_gelu():
     x = jnp.linspace(-12.0, 12.0, 2001, dtype=jnp.float32)
-    assert_same_values_and_gradients(ops.gelu, lambda x: jax.nn.gelu(x, approximate=False), x,
+    assert_same_values_and_gradients(dispatch.gelu, lambda x: jax.nn.gelu(x, approximate=False), x,
                                      atol=2e-6)
 
 
 def test_gelu_keeps_only_its_input_for_the_gradient():
-    residuals = jax.vjp(ops.gelu, jnp.ones(5))[1]
+    residuals = jax.vjp(dispatch.gelu, jnp.ones(5))[1]
     assert [leaf.shape for leaf in jax.tree.leaves(residuals)] == [(5,)]
 
 
@@ -262,7 +276,7 @@ def test_add_to_each_image_and_its_gradients_equal_broadcastings():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 7, 5)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((1, 7, 5)), jnp.float32)
-    assert_same_values_and_gradients(ops.add_to_each_image, jnp.add, x, y)
+    assert_same_values_and_gradients(dispatch.add_to_each_image, jnp.add, x, y)
 
 
 @pytest.mark.parametrize("shape", [(4, 9, 24), (3, 5, 2, 7)])
@@ -283,8 +297,8 @@ def test_self_attention_and_its_gradients_equal_jaxs():
     rng = np.random.default_rng(0)
     qkv = jnp.asarray(rng.standard_normal((2, 7, 3, 3, 4)), jnp.float32)
     bias = jnp.asarray(rng.standard_normal((3, 3, 4)), jnp.float32)
-    with onednn.disabled():  # XLA's products (test_onednn checks oneDNN's)
+    with native.disabled():  # XLA's products (test_native checks oneDNN's)
         assert_same_values_and_gradients(
-            ops.self_attention,
+            dispatch.self_attention,
             lambda qkv, bias: jax.nn.dot_product_attention(*(qkv + bias).transpose(2, 0, 1, 3, 4)),
             qkv, bias)

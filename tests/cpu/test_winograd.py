@@ -1,4 +1,4 @@
-"""Winograd's F(4×4, 3×3) convolution (models/winograd.py) against XLA's, on any CPU: its
+"""Winograd's F(4×4, 3×3) convolution (models/cpu/winograd.py) against XLA's, on any CPU: its
 values and both gradients, ragged tiles and asymmetric padding, a sharded batch, where it is
 chosen, and inside a ResNet's train step."""
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from models.cpu import dispatch as ops, native as onednn, winograd
-from tests.test_onednn import (assert_resnet_gradients_equal_xlas, compiled_text, conv_of,
-                               needs_onednn, split_over_devices)
+from models.cpu import dispatch, native, winograd
+from tests.cpu.test_dispatch import NHWC
+from tests.cpu.test_native import (assert_resnet_gradients_equal_xlas, compiled_text, conv_of,
+                                   needs_native, split_over_devices)
 
 TRANSFORMS = ("transferlab_onednn_winograd_input", "transferlab_onednn_winograd_output",
               "transferlab_onednn_winograd_grad")
@@ -39,7 +40,7 @@ def random_conv(shape, channels_out, seed=0):
     return x, jnp.asarray(w, jnp.float32)
 
 
-@needs_onednn
+@needs_native
 @pytest.mark.parametrize("shape,channels_out,pads", [
     ((2, 9, 10, 5), 7, ((1, 1), (1, 1))),     # tiles past both edges, channels < a block
     ((3, 13, 8, 3), 20, ((0, 0), (2, 1))),    # asymmetric, unpadded rows
@@ -50,7 +51,7 @@ def test_values_and_gradients_equal_xlas(shape, channels_out, pads):
     assert_close_to_xlas(*random_conv(shape, channels_out), pads)
 
 
-@needs_onednn
+@needs_native
 def test_each_pass_is_transforms_around_one_native_product():
     x, w = random_conv((2, 8, 8, 16), 16)
     loss = lambda x, w: (winograd.conv(x, w, ((1, 1), (1, 1))) ** 2).sum()
@@ -63,7 +64,7 @@ def test_each_pass_is_transforms_around_one_native_product():
     assert "transferlab_onednn_forward" not in text and "convolution(" not in text
 
 
-@needs_onednn
+@needs_native
 def test_each_device_transforms_its_shard_of_the_batch():
     x, w = random_conv((8, 10, 10, 8), 12)
     pads = ((1, 1), (1, 1))
@@ -78,37 +79,42 @@ def test_each_device_transforms_its_shard_of_the_batch():
 
 
 def fake_cpu(monkeypatch, flags: str):
-    monkeypatch.setattr(onednn, "cpu_info", lambda: {"flags": flags})
+    monkeypatch.setattr(native, "cpu_info", lambda: {"flags": flags})
 
 
 @pytest.mark.usefixtures("winograd")
 def test_runs_where_onednn_has_no_winograd_kernels(monkeypatch):
-    suits = lambda shape=(3, 3, 16, 16), strides=(1, 1), pads=((1, 1), (1, 1)), groups=1: (
-        winograd.suits(shape, strides, pads, groups))
+    monkeypatch.setattr(native, "enabled", lambda: True)  # the choice, library or not
+
+    def kernel(shape=(3, 3, 16, 16), strides=(1, 1), pads=((1, 1), (1, 1)), groups=1):
+        x = jnp.zeros((2, 8, 8, shape[2] * groups))
+        return dispatch.conv_kernel(x, jnp.zeros(shape), strides, pads, dimension_numbers=NHWC,
+                                    feature_group_count=groups)
     fake_cpu(monkeypatch, "fpu sse2 avx avx2 fma")
-    assert suits()
-    assert not suits(strides=(2, 2)) and not suits(shape=(5, 5, 16, 16))
-    assert not suits(shape=(3, 3, 4, 16), groups=4) and not suits(pads=((3, 1), (1, 1)))
+    assert kernel() == "winograd"
+    assert kernel(strides=(2, 2)) == kernel(shape=(5, 5, 16, 16)) == "onednn"
+    assert kernel(shape=(3, 3, 4, 16), groups=4) == "onednn"
+    assert kernel(pads=((3, 1), (1, 1))) == "onednn_winograd"  # oneDNN's, direct without them
     fake_cpu(monkeypatch, "avx2 avx512f avx512dq avx512bw avx512vl")
-    assert not suits()
+    assert kernel() == "onednn_winograd"
     fake_cpu(monkeypatch, "avx2")
-    monkeypatch.setenv("TRANSFERLAB_ONEDNN_WINOGRAD", "0")
-    assert not suits()
+    monkeypatch.setenv("TRANSFERLAB_WINOGRAD", "0")
+    assert kernel() == "onednn"
 
 
-@needs_onednn
+@needs_native
 @pytest.mark.usefixtures("winograd")
 def test_3x3_stride_1_convolutions_take_it_on_cpus_without_avx512(monkeypatch):
     fake_cpu(monkeypatch, "avx2")
     x, w = random_conv((2, 8, 8, 16), 16)
-    assert TRANSFORMS[0] in compiled_text(conv_of(ops.conv_general_dilated, (1, 1), "SAME"), x, w)
+    conv = conv_of(dispatch.conv_general_dilated, (1, 1), "SAME")
+    assert TRANSFORMS[0] in compiled_text(conv, x, w)
     fake_cpu(monkeypatch, "avx2 avx512f avx512dq avx512bw avx512vl")
-    text = compiled_text(lambda x, w: conv_of(ops.conv_general_dilated, (1, 1), "SAME")(x, w),
-                         x, w)
+    text = compiled_text(lambda x, w: conv(x, w), x, w)  # a new function: a new trace
     assert TRANSFORMS[0] not in text and "winograd = 1" in text
 
 
-@needs_onednn
+@needs_native
 @pytest.mark.usefixtures("winograd")
 def test_resnet_train_step_gradients_equal_xlas(monkeypatch):
     fake_cpu(monkeypatch, "avx2")
