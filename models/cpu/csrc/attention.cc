@@ -9,15 +9,12 @@
 // on the way (and their gradients written likewise, for the product back through those
 // kernels, with each image's Σ over its tokens: the biases' gradients). p, the probabilities,
 // goes to memory once for the gradient, which then recomputes neither the logits' product nor
-// the exponentials (ViT-S/16 at batch 16 on a Zen 1: a block's gradient 45 -> 34 ms, for 15 MB
-// kept a block). Each (image, head) is one task on OpenMP's threads, its T×T arrays in
+// the exponentials. Each (image, head) is one task on OpenMP's threads, its T×T arrays in
 // the core's cache from one product to the next: the gradient's dv = pᵀ·do, dp = do·vᵀ,
 // ds = p⊙(dp − Σ dp⊙p)/√D, dq = ds·k and dk = dsᵀ·q likewise, where XLA's formulation makes
 // a pass over memory for each step. The products are oneDNN's matmul primitives, built once
-// per shape, single-threaded in the tasks, on contiguous copies of the head's rows: oneDNN
-// runs its brgemm kernels on those with AVX-512 (on the strided rows, its slower gemm; 1.25x
-// on q·kᵀ), its jit gemm with AVX2 (ViT-S/16's heads at 33-37 GFLOP/s on one Zen 1 core,
-// whose peak is about 37).
+// per shape, single-threaded in the tasks, on contiguous copies of the head's rows (oneDNN
+// runs its brgemm kernels on those with AVX-512, its jit gemm with AVX2).
 #include "attention.h"
 
 #include <algorithm>

@@ -8,9 +8,8 @@
 // where affine = (a, b, mean) with a = scale·rstd, b = bias − mean·a, y = act(a·x + b) as the
 // forward pass computed it, and g = dy · act'(a·x + b), the gradient at the normalized value of
 // the activation (`activation`: 1 relu, 2 relu6, 3 silu, 4 hard_swish). SiLU's derivative
-// comes from y, without an exponential (the exponential was 2/3 of this pass on a Zen 1). g
-// is written out for the input's gradient: a streaming pass over x and g then.
-// XLA:CPU reduces each sum in its own pass and materializes g first: 3-4x slower than one pass.
+// comes from y, without an exponential. g is written out for the input's gradient: a
+// streaming pass over x and g then (XLA:CPU reduces each sum in its own pass).
 // Sums run per image (the caller adds the images up, so a mesh can shard the batch) and per
 // chunk of rows on OpenMP's threads, in float over 64 rows, then in double.
 #include <algorithm>
@@ -37,7 +36,7 @@ constexpr int64_t kBlockRows = 64;
 
 // act'(pre), given out = act(pre) as the forward pass computed it. Written without branches
 // (comparisons as 0 or 1): GCC leaves a select of constants a branch without AVX-512's masks,
-// and the loop scalar (10-20x slower on an AVX2 CPU).
+// and the loop scalar.
 template <Activation kAct>
 inline __attribute__((always_inline)) float Derivative(float pre, float out) {
   if constexpr (kAct == kRelu) return static_cast<float>(pre > 0.0f);

@@ -15,11 +15,10 @@
 //                            copies.
 //
 // Activations stay in the buffers' NHWC layout; the kernel takes the layout oneDNN
-// prefers, reordered on each call (faster than plain HWIO in every pass measured). With the
-// `winograd` attribute set, a 3x3 stride-1 ungrouped convolution runs oneDNN's Winograd
-// F(4x4, 3x3) kernels (all three passes 1.4-2.1x faster than direct here, reorders to and
-// from their blocked layout included; errors ~3e-6 of the largest output), falling back to
-// direct where oneDNN has none for the machine.
+// prefers, reordered on each call. With the `winograd` attribute set, a 3x3 stride-1
+// ungrouped convolution runs oneDNN's Winograd F(4x4, 3x3) kernels (in their own blocked
+// layout; errors about 3e-6 of the largest output), falling back to direct where oneDNN has
+// none for the machine.
 // Primitives are built once per shape and cached; all calls are serialised, each using oneDNN's
 // own (OpenMP) threads, and they share a user scratchpad (XLA calls from any of its threads,
 // and oneDNN's library scratchpad belongs to a thread) and one buffer per reordered operand.

@@ -8,7 +8,7 @@
 
 // A function compiled for each level of x86-64 (v4: AVX-512; v3: AVX2 with FMA), the best one
 // the CPU has chosen when the library loads. GCC's "avx2" target leaves out FMA: its clones
-// multiplied and added apart (Exp 30% slower on a Zen 1).
+// would multiply and add apart.
 #define TRANSFERLAB_VECTOR_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 

@@ -1,6 +1,6 @@
 // The tile transforms of Winograd's F(4x4, 3x3) convolution (Lavin & Gray, 2015) as XLA FFI
 // handlers, for CPUs where oneDNN has no Winograd kernels (those without AVX-512); the products
-// between them are batched matrix products (models/winograd.py):
+// between them are batched matrix products (models/cpu/winograd.py):
 //
 //   WinogradInput   x[N,H,W,C]       -> v[36,T,C]: Bᵀ·d·B of each 6x6 input tile d
 //   WinogradOutput  m[36,T,O]        -> y[N,OH,OW,O]: Aᵀ·m·A, the 4x4 output tile
