@@ -2,21 +2,26 @@
 
 With the first blocks frozen, their forward pass computes the same features for an example in
 every epoch: frozen BatchNorm normalises with running statistics, and the input pipeline does
-not augment. ``build`` computes the frozen prefix's output once for every training example;
-the train step then starts from it (``freeze.frozen_behaviour(plan, prefix_output=...)``), so
-a step costs what the trainable blocks cost, never the whole network. The test split is still
+not augment. ``fill`` computes the frozen prefix's output once for every training example; the
+train step then starts from it (``freeze.frozen_behaviour(plan, prefix_output=...)``), so a step
+costs what the trainable blocks cost, never the whole network. The test split is still
 evaluated through the whole network.
 
-Before anything is cached, ``build`` checks on two training examples that the cached path gives
-the train step's own outputs: a model whose later blocks read an earlier frozen block
-(not only the prefix's last), or whose frozen blocks are random in training (dropout), is
-refused with an error that says so.
+A linear probe is the deepest case: every block but the head frozen
+(``freeze.depth = len(model.blocks) - 1``), the head trained by the run's optimizer on features
+computed once. The ablation's ``linear_probe`` regime is such a run.
+
+Before anything is cached, ``research.train`` checks on a few training examples that a step on
+the cached path equals a step through the whole network: a model whose later blocks read an
+earlier frozen block (not only the prefix's last), or whose frozen blocks are random in
+training (dropout), is refused with an error that says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from research import data, freeze, preprocess
+from research import data, freeze, preprocess, sharding
 from research.errors import ConfigError
 
 
@@ -54,6 +59,7 @@ class _Features:
 class PrefixCache:
     input_shape: tuple[int, ...]  # one model input (after preprocessing)
     dtype: jnp.dtype
+    prefix: Callable  # jit-compiled (variables, images) → the frozen prefix's output
     split: data.Split | None = None  # the training split, its "images" the prefix's outputs
 
     def model_input(self, batch: int):
@@ -86,39 +92,32 @@ def prefix_function(model, plan: freeze.FreezePlan, spec: dict, dtype):
 
 
 def empty(exp) -> PrefixCache:
-    """A cache, without features yet, for ``exp``'s model input (an image's shape after
-    preprocessing) and computation dtype."""
-    from research import train  # train imports this module
-
-    dtype = train.DTYPES[exp.cfg.train.dtype]
+    """A cache, without features yet, for ``exp``'s frozen prefix, model input (an image's
+    shape after preprocessing) and computation dtype."""
     image = jax.ShapeDtypeStruct((1, *exp.train_split.image_shape), jnp.uint8)
-    model_input = jax.eval_shape(lambda x: preprocess.apply(x, exp.preprocess_spec, dtype), image)
-    return PrefixCache(tuple(model_input.shape[1:]), dtype)
+    model_input = jax.eval_shape(lambda x: preprocess.apply(x, exp.preprocess_spec, exp.dtype),
+                                 image)
+    prefix = prefix_function(exp.model, exp.plan, exp.preprocess_spec, exp.dtype)
+    return PrefixCache(tuple(model_input.shape[1:]), exp.dtype, jax.jit(prefix))
 
 
-def build(exp, state, batch_size: int) -> PrefixCache:
-    """The frozen prefix's output for every example of ``exp.train_split``, in order, after
-    checking that training on it from ``state`` equals training through the whole network."""
-    from research import train
-
-    variables = state.variables()
-    cache = empty(exp)
-    prefix = jax.jit(prefix_function(exp.model, exp.plan, exp.preprocess_spec, cache.dtype))
+def fill(cache: PrefixCache, exp, variables, batch_size: int) -> PrefixCache:
+    """``cache`` with the frozen prefix's output for every example of ``exp.train_split``, in
+    order, computed from ``variables`` over ``exp.mesh`` in batches of ``batch_size``."""
     images, _ = exp.train_split.read_batch(np.arange(1))
-    one = jax.eval_shape(prefix, variables, images)
+    one = jax.eval_shape(cache.prefix, variables, images)
     _check_memory(one, len(exp.train_split), exp.plan.frozen_prefix[-1])
-    _check_same_step(exp, state, cache, prefix)
     features = np.empty((len(exp.train_split), *one.shape[1:]), one.dtype)
     done = 0
     for batch_images, _, mask in data.eval_batches(exp.train_split, batch_size):
-        rows = data.process_rows((batch_images,), jax.process_index(), jax.process_count())
-        out = prefix(variables, *train.global_batch(exp, *rows))
+        local = data.process_rows((batch_images,), jax.process_index(), jax.process_count())
+        out = cache.prefix(variables, *sharding.global_batch(exp.mesh, *local))
         out = np.asarray(multihost_utils.process_allgather(out, tiled=True))[mask]
         features[done:done + len(out)] = out
         done += len(out)
-    cache.split = data.Split(_Features(features), np.arange(len(features)),
-                             exp.train_split.labels, exp.train_split.num_classes)
-    return cache
+    split = data.Split(_Features(features), np.arange(len(features)), exp.train_split.labels,
+                       exp.train_split.num_classes)
+    return dataclasses.replace(cache, split=split)
 
 
 def _check_memory(one: jax.ShapeDtypeStruct, examples: int, last: str) -> None:
@@ -130,26 +129,3 @@ def _check_memory(one: jax.ShapeDtypeStruct, examples: int, last: str) -> None:
             f"examples takes {need / 2**30:.1f} GiB, over half of this host's "
             f"{have / 2**30:.1f} GiB. Freeze deeper (a smaller output), train on fewer "
             "examples, or set freeze.cache_prefix=False.")
-
-
-def _check_same_step(exp, state, cache: PrefixCache, prefix) -> None:
-    """One train step from the cached output and one through the whole network, from the same
-    state on the same examples (a batch the mesh divides), must give the same loss."""
-    from research import train
-
-    rows = np.arange(max(2, exp.mesh.size)) % len(exp.train_split)
-    local = data.process_rows(exp.train_split.read_batch(rows), jax.process_index(),
-                              jax.process_count())
-    images, labels = train.global_batch(exp, *local)
-    copy = lambda: jax.tree.map(lambda a: a.copy(), state)
-    _, expected = train.make_train_step(exp)(copy(), images, labels)
-    _, got = train.make_train_step(exp, cache)(copy(), prefix(state.variables(), images),
-                                                labels)
-    expected, got = float(expected["loss"]), float(got["loss"])
-    if not np.isclose(got, expected, rtol=1e-4, atol=1e-5):
-        raise ConfigError(
-            f"freeze.cache_prefix: a step on cached outputs of block "
-            f"{exp.plan.frozen_prefix[-1]!r} gives loss {got:.6g}, the whole network "
-            f"{expected:.6g}. {type(exp.model).__name__}'s later blocks read more than that "
-            "block's output, or its frozen blocks are random in training (dropout): train "
-            "without freeze.cache_prefix, or at another freeze.depth.")

@@ -1,9 +1,10 @@
 """Training and evaluation: a jit-compiled step over a device mesh, with orbax checkpoints.
 
-The batch is sharded over the mesh's ``data`` axis and the state replicated, so one code path
-serves one CPU, eight forced host devices, all GPUs of a host, or many hosts
-(``jax.distributed``). A run resumes from the latest checkpoint in its workdir; the batch at step
-k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted one.
+The batch is sharded over the mesh's ``data`` axis and the state replicated
+(``research.sharding``). A run resumes from the latest checkpoint in its workdir; the batch at
+step k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted
+one. With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
+(``research.prefix_cache``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import models
-from models.cpu import native as onednn
+from models.cpu import native
 from research import (checkpoints, data, freeze, optim, prefix_cache, preprocess, pretrained,
-                      tree)
+                      sharding, tree)
 from research.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -64,6 +64,11 @@ class Experiment:
     mesh: jax.sharding.Mesh
 
     @property
+    def dtype(self) -> jnp.dtype:
+        """The computation dtype (``train.dtype``); parameters stay float32."""
+        return DTYPES[self.cfg.train.dtype]
+
+    @property
     def trainable_params(self) -> int:
         return self.plan.trainable_count(self.state.params)
 
@@ -72,19 +77,9 @@ class Experiment:
                     config=self.cfg.to_dict(), num_classes=self.train_split.num_classes)
 
 
-def make_mesh(cfg) -> jax.sharding.Mesh:
-    n = cfg.get("data", -1)
-    n = jax.device_count() if n in (-1, None) else n
-    if n > jax.device_count():
-        raise ConfigError(f"mesh.data={n} but only {jax.device_count()} devices are visible.")
-    # Auto axes: XLA propagates the batch sharding through the model (dropout masks, BN means).
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
-
-
 def build(cfg) -> Experiment:
     """Validate ``cfg`` and build the model, data, freeze plan, optimizer and initial state."""
-    mesh = make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     global_batch = cfg.train.batch_size
     if global_batch % mesh.size:
         raise ConfigError(f"train.batch_size={global_batch} must be a multiple of the "
@@ -103,7 +98,7 @@ def build(cfg) -> Experiment:
     rng = jax.random.key_data(jax.random.key(cfg.train.seed + 1))
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
                        variables.get("batch_stats", {}), tx.init(variables["params"]), rng)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = jax.device_put(state, sharding.replicated(mesh))
     return Experiment(cfg, model, model_meta, train_split, test_split, spec, plan, tx, state,
                       steps_per_epoch, total_steps, mesh)
 
@@ -164,8 +159,8 @@ def make_train_step(exp: Experiment, cache: prefix_cache.PrefixCache | None = No
     Only trainable parameters are differentiated; the optimizer sees zeros (constants, never
     computed) for frozen ones, and frozen parameters are passed through untouched.
     """
-    model, plan, tx, spec, cfg = exp.model, exp.plan, exp.tx, exp.preprocess_spec, exp.cfg
-    dtype = DTYPES[cfg.train.dtype]
+    model, plan, tx, spec, cfg, dtype = (exp.model, exp.plan, exp.tx, exp.preprocess_spec,
+                                         exp.cfg, exp.dtype)
 
     def loss_fn(trainable, frozen, batch_stats, images, labels, rng):
         params = tree.unflatten({**trainable, **frozen})
@@ -198,14 +193,13 @@ def make_train_step(exp: Experiment, cache: prefix_cache.PrefixCache | None = No
                                   batch_stats=batch_stats, opt_state=opt_state)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    replicated, batch = NamedSharding(exp.mesh, P()), NamedSharding(exp.mesh, P("data"))
+    replicated, batch = sharding.replicated(exp.mesh), sharding.rows(exp.mesh)
     return jax.jit(step, in_shardings=(replicated, batch, batch),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def make_eval_step(exp: Experiment) -> Callable:
-    model, spec = exp.model, exp.preprocess_spec
-    dtype = DTYPES[exp.cfg.train.dtype]
+    model, spec, dtype = exp.model, exp.preprocess_spec, exp.dtype
 
     def step(variables, images, labels, mask):
         logits = model.apply(variables, preprocess.apply(images, spec, dtype), train=False)
@@ -213,15 +207,9 @@ def make_eval_step(exp: Experiment) -> Callable:
         return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
                 "count": jnp.sum(mask)}
 
-    replicated, batch = NamedSharding(exp.mesh, P()), NamedSharding(exp.mesh, P("data"))
+    replicated, batch = sharding.replicated(exp.mesh), sharding.rows(exp.mesh)
     return jax.jit(step, in_shardings=(replicated, batch, batch, batch),
                    out_shardings=replicated)
-
-
-def global_batch(exp: Experiment, *arrays):
-    """Host-local rows → arrays sharded over the mesh (each process holds its own rows)."""
-    sharding = NamedSharding(exp.mesh, P("data"))
-    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
 def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
@@ -230,7 +218,7 @@ def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
     for images, labels, mask in data.eval_batches(exp.test_split, exp.cfg.train.eval_batch_size):
         rows = data.process_rows((images, labels, mask.astype(np.float32)), jax.process_index(),
                                  jax.process_count())
-        out = eval_step(state.variables(), *global_batch(exp, *rows))
+        out = eval_step(state.variables(), *sharding.global_batch(exp.mesh, *rows))
         totals = {k: totals[k] + float(out[k]) for k in totals}
     return {"loss": totals["loss_sum"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"]}
@@ -238,16 +226,16 @@ def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
 
 def compiled_flops(exp: Experiment, cache: prefix_cache.PrefixCache | None = None,
                    inputs: jax.ShapeDtypeStruct | None = None) -> float:
-    """XLA's flop count of one compiled train step (``cost_analysis()``), its convolutions
-    XLA's own: it counts none in oneDNN's. With a ``cache``, ``inputs`` describes a batch of
-    the frozen prefix's outputs."""
+    """XLA's flop count of one compiled train step (``cost_analysis()``), traced with XLA's own
+    convolutions and products, since it counts none in native kernels. With a ``cache``,
+    ``inputs`` describes a batch of the frozen prefix's outputs."""
     b = exp.cfg.train.batch_size
-    batch = NamedSharding(exp.mesh, P("data"))
+    batch = sharding.rows(exp.mesh)
     if inputs is None:
         inputs = jax.ShapeDtypeStruct((b, *exp.train_split.image_shape), jnp.uint8)
     inputs = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype, sharding=batch)
     labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)
-    with onednn.disabled():
+    with native.disabled():
         compiled = make_train_step(exp, cache).lower(exp.state, inputs, labels).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
@@ -266,8 +254,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.manager(workdir / checkpoints.SUBDIR, max_to_keep=cfg.train.keep_checkpoints)
     state = _resume(exp, mngr)
-    cache = (prefix_cache.build(exp, state, cfg.train.eval_batch_size)
-             if cfg.freeze.get("cache_prefix") else None)
+    cache = _prefix_cache(exp, state) if cfg.freeze.get("cache_prefix") else None
     train_step, eval_step = make_train_step(exp, cache), make_eval_step(exp)
     end = exp.total_steps if stop_after is None else min(stop_after, exp.total_steps)
     step = int(state.step)
@@ -281,7 +268,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     epoch_metrics, history = [], []
     while step < end:
         images, labels = next(batches)
-        state, metrics = train_step(state, *global_batch(exp, images, labels))
+        state, metrics = train_step(state, *sharding.global_batch(exp.mesh, images, labels))
         step += 1
         epoch_metrics.append(metrics)
         bar.update(1)
@@ -301,6 +288,34 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
                 seconds=time.perf_counter() - start, state=state)
 
 
+def _prefix_cache(exp: Experiment, state: TrainState) -> prefix_cache.PrefixCache:
+    """The frozen prefix's output for every training example (``freeze.cache_prefix``), once
+    a step on it from ``state`` is checked to equal a step through the whole network."""
+    cache = prefix_cache.empty(exp)
+    _check_cached_step(exp, state, cache)
+    return prefix_cache.fill(cache, exp, state.variables(), exp.cfg.train.eval_batch_size)
+
+
+def _check_cached_step(exp: Experiment, state: TrainState, cache: prefix_cache.PrefixCache):
+    """One step from the prefix's cached output and one through the whole network, from
+    ``state`` on the same examples (a batch the mesh divides), must give the same loss."""
+    positions = np.arange(max(2, exp.mesh.size)) % len(exp.train_split)
+    local = data.process_rows(exp.train_split.read_batch(positions), jax.process_index(),
+                              jax.process_count())
+    images, labels = sharding.global_batch(exp.mesh, *local)
+    copy = lambda: jax.tree.map(lambda a: a.copy(), state)
+    _, expected = make_train_step(exp)(copy(), images, labels)
+    _, got = make_train_step(exp, cache)(copy(), cache.prefix(state.variables(), images), labels)
+    expected, got = float(expected["loss"]), float(got["loss"])
+    if not np.isclose(got, expected, rtol=1e-4, atol=1e-5):
+        raise ConfigError(
+            f"freeze.cache_prefix: a step on cached outputs of block "
+            f"{exp.plan.frozen_prefix[-1]!r} gives loss {got:.6g}, the whole network "
+            f"{expected:.6g}. {type(exp.model).__name__}'s later blocks read more than that "
+            "block's output, or its frozen blocks are random in training (dropout): train "
+            "without freeze.cache_prefix, or at another freeze.depth.")
+
+
 def _every(step: int, period: float) -> bool:
     return period > 0 and step % max(int(round(period)), 1) == 0
 
@@ -313,7 +328,7 @@ def _resume(exp: Experiment, mngr) -> TrainState:
                                                     with_train_state_like=exp.state.train_state())
     state = exp.state.replace(params=variables["params"],
                               batch_stats=variables.get("batch_stats", {}), **train_state)
-    return jax.device_put(state, NamedSharding(exp.mesh, P()))
+    return jax.device_put(state, sharding.replicated(exp.mesh))
 
 
 def _epoch_record(exp, state, step, epoch_metrics, eval_step) -> dict:

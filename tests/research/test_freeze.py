@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import freeze, train, tree
+from research import freeze, sharding, train, tree
 from research.errors import ConfigError
 
 DIGITS = "data.name='digits',data.mean=(32.0,),data.std=(48.0,),train.batch_size=64"
@@ -13,7 +13,7 @@ def run_steps(exp, n):
     batches = train.data.train_batches(exp.train_split, exp.cfg.train.batch_size, seed=0)
     state = exp.state
     for _ in range(n):
-        state, _ = step(state, *train.global_batch(exp, *next(batches)))
+        state, _ = step(state, *sharding.global_batch(exp.mesh, *next(batches)))
     return state
 
 

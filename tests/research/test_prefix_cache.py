@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from models.cpu import native as onednn
-from research import prefix_cache, train
+from models.cpu import native
+from research import prefix_cache, sharding, train
 from research.errors import ConfigError
 
 FEW = "data.per_class=20,train.batch_size=40,train.epochs=2.0,train.checkpoint_every_epochs=0.0"
@@ -35,14 +35,14 @@ def test_cached_prefix_run_equals_the_whole_network_run(make_config, tmp_path):
 def test_cached_step_computes_none_of_the_frozen_prefix(make_config):
     exp = train.build(make_config("fashion_mnist.py", f"{FEW},freeze.depth=2"))
     b = exp.cfg.train.batch_size
-    images, labels = train.global_batch(  # sharded: cost_analysis counts one device's flops
-        exp, np.zeros((b, *exp.train_split.image_shape), np.uint8), np.zeros((b,), np.int32))
+    images, labels = sharding.global_batch(  # sharded: cost_analysis counts one device's flops
+        exp.mesh, np.zeros((b, *exp.train_split.image_shape), np.uint8), np.zeros((b,), np.int32))
     cache = prefix_cache.empty(exp)
     assert cache.input_shape == (28, 28, 1)
-    prefix = prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec, cache.dtype)
+    prefix = prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec, exp.dtype)
 
     def flops_and_convolutions(jitted, *args):  # XLA's convolutions: oneDNN's count no flops
-        with onednn.disabled():
+        with native.disabled():
             compiled = jitted.lower(*args).compile()
         return compiled.cost_analysis()["flops"], compiled.as_text().count(" convolution(")
     features = jax.eval_shape(prefix, exp.state.variables(), images)
@@ -51,8 +51,9 @@ def test_cached_step_computes_none_of_the_frozen_prefix(make_config):
                                          exp.state.variables(), images)
     whole = flops_and_convolutions(train.make_train_step(exp), exp.state, images, labels)
     cached = flops_and_convolutions(train.make_train_step(exp, cache), exp.state,
-                                    *train.global_batch(exp, np.zeros(features.shape,
-                                                                      features.dtype)), labels)
+                                    *sharding.global_batch(exp.mesh, np.zeros(features.shape,
+                                                                              features.dtype)),
+                                    labels)
     assert prefix_cost[1] > 0 and cached[1] == whole[1] - prefix_cost[1]
     assert cached[0] == pytest.approx(whole[0] - prefix_cost[0], rel=0.02)
 

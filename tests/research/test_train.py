@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import pretrained, train, tree
+from research import pretrained, sharding, train, tree
 from research.errors import CheckpointError, ConfigError
 
 FEW = "data.per_class=40,train.batch_size=40,train.epochs=3.0"
@@ -87,7 +87,7 @@ def test_bad_input_leaves_no_workdir(make_config, tmp_path):
 def test_eight_device_mesh_shards_the_batch(make_config):
     exp = train.build(make_config("fashion_mnist.py", FEW))
     assert exp.mesh.size == jax.device_count() == 8
-    images, labels = train.global_batch(exp, np.zeros((40, 28, 28, 1), np.uint8),
+    images, labels = sharding.global_batch(exp.mesh, np.zeros((40, 28, 28, 1), np.uint8),
                                         np.zeros(40, np.int32))
     assert len(images.sharding.device_set) == 8 and images.addressable_shards[0].data.shape[0] == 5
 
