@@ -3,8 +3,13 @@
 An ablation config has ``pretrain`` (a training config, run once into ``<workdir>/pretrain``
 unless ``init.checkpoint`` names existing weights), ``transfer`` (the training config of every
 transfer run, which starts from the pretrained checkpoint) and ``ablation`` (``seeds``,
-``depths``: a tuple, or empty for 0 … all-but-head, and ``regimes``). Every run has its own
-workdir, so an interrupted ablation resumes where it stopped and repeats nothing.
+``depths``: a tuple, or empty for 0 … all-but-head, ``regimes``, and ``probe_lr``, the linear
+probe's learning rate if it differs). Every run has its own workdir, so an interrupted ablation
+resumes where it stopped and repeats nothing.
+
+The ``linear_probe`` regime is a transfer run with every block but the head frozen; with
+``transfer.freeze.cache_prefix`` it trains the head on features computed once
+(``research.prefix_cache``): the result of recomputing them every step, to float32 rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
+import models
 from research import train
 from research.errors import ConfigError
 
@@ -98,7 +107,6 @@ def run_ablation(cfg, workdir: str | Path) -> list[dict]:
 
 
 def _num_blocks(cfg) -> int:
-    import models
     model = models.create(cfg.pretrain.model.name, num_classes=2,
                           **dict(cfg.pretrain.model.options))
     return len(model.blocks)
@@ -134,8 +142,6 @@ def write_results(rows: list[dict], workdir: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    from rich.console import Console
-    from rich.table import Table
     table = Table(*COLUMNS, title="transfer results")
     for row in rows:
         table.add_row(*(str(row[c]) for c in COLUMNS))
@@ -149,7 +155,6 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
     finetune = [r for r in rows if r["regime"] == "finetune"]
