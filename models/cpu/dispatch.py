@@ -34,13 +34,15 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                 preferred_element_type=None) -> str:
     """Which formulation ``conv_general_dilated`` gives this convolution (its arguments) on the
-    CPU, decided while tracing. NHWC, undilated, one batch group, float32 with the native
-    library enabled: "sgemm" (1×1, stride 1, unpadded, ungrouped, at least 128 channels in and
-    out, where ``native.uses_mkl``), "winograd" (this project's, for 3×3, stride 1, ungrouped,
-    pads of at most 2, where oneDNN has no Winograd kernels), "onednn_winograd" (other 3×3
-    stride-1 ungrouped ones), else "onednn". NHWC and undilated otherwise: "depthwise_taps",
-    "pointwise" (ungrouped 1×1, unpadded), "strided" (ungrouped). Else "xla". The Winograd
-    ones are direct convolutions ("onednn") where ``TRANSFERLAB_WINOGRAD=0``."""
+    CPU, decided while tracing; the one place that decides it.
+
+    NHWC, undilated, of one batch group and float32, with the native library enabled:
+    "sgemm" (1×1, stride 1, unpadded, ungrouped, at least 128 channels in and out, where
+    ``native.uses_mkl``); "winograd" (this project's: 3×3, stride 1, ungrouped, pads of at most
+    2, where oneDNN has no Winograd kernels); "onednn_winograd" (the other 3×3 stride-1
+    ungrouped ones); else "onednn". Both Winograd forms become "onednn" where
+    ``TRANSFERLAB_WINOGRAD=0``. Other NHWC undilated ones: "depthwise_taps", "pointwise"
+    (ungrouped 1×1, unpadded) or "strided" (ungrouped). Everything else: "xla"."""
     if not _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                        batch_group_count, preferred_element_type):
         return "xla"
