@@ -113,19 +113,17 @@ def ours_train(model: str, batch: int, size: int, steps: int, freeze_depth: int 
     (``freeze.cache_prefix``), and the one-time cost of computing them (``prefix_s_per_image``)."""
     import jax
     import numpy as np
-    from research import prefix_cache, train
+    from research import prefix_cache, sharding, train
     exp = experiment(model, batch, size, freeze_depth)
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
     labels = np.arange(batch, dtype=np.int32) % 1000
-    x, y = train.global_batch(exp, images, labels)
+    x, y = sharding.global_batch(exp.mesh, images, labels)
     cache, extra = None, {}
     if cache_prefix:
         cache = prefix_cache.empty(exp)
-        prefix = jax.jit(prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec,
-                                                      cache.dtype))
         variables = exp.state.variables()
-        prefix_s = timed(lambda: jax.block_until_ready(prefix(variables, x)), steps)
-        x = prefix(variables, x)
+        prefix_s = timed(lambda: jax.block_until_ready(cache.prefix(variables, x)), steps)
+        x = cache.prefix(variables, x)
         extra = dict(prefix_s_per_image=prefix_s / batch, cached_shape=list(x.shape[1:]))
     start = time.perf_counter()
     compiled = train.make_train_step(exp, cache).lower(exp.state, x, y).compile()
@@ -155,25 +153,6 @@ def ours_inference(model: str, batch: int, size: int, steps: int) -> dict:
     compile_s = time.perf_counter() - start
     seconds = timed(lambda: jax.block_until_ready(compiled(variables, x)), steps)
     return dict(img_s=batch / seconds, compile_s=compile_s, peak_mb=peak_mb())
-
-
-def ours_probe(model: str, batch: int, size: int, steps: int) -> dict:
-    """A linear-probe epoch of ``batch * steps`` examples on cached features (the median of
-    ``steps`` epochs), against one that recomputes the frozen backbone every step."""
-    import numpy as np
-    from research import probe
-    probe_depth = len(experiment_blocks(model)) - 1
-    exp = experiment(model, batch, size, freeze_depth=probe_depth)
-    n = batch * steps
-    width = probe.extract_features(exp.model, exp.state.variables(), exp.preprocess_spec,
-                                   exp.test_split, batch)[0].shape[1]
-    features = np.random.default_rng(0).standard_normal((n, width)).astype(np.float32)
-    labels = np.arange(n) % 1000
-    epoch = lambda: probe.train_head(features, labels, 1000, epochs=1, batch_size=batch, lr=0.1)
-    cached_s = timed(epoch, steps)  # the median epoch, after two that compile and warm up
-    recompute = ours_train(model, batch, size, steps, probe_depth)
-    return dict(cached_epoch_s=cached_s, recompute_epoch_s=n / recompute["img_s"],
-                peak_mb=peak_mb())
 
 
 def experiment_blocks(model: str):
@@ -230,7 +209,7 @@ def peer_inference(model: str, batch: int, size: int, steps: int) -> dict:
     return dict(img_s=batch / seconds, peak_mb=peak_mb())
 
 
-MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference, "ours_probe": ours_probe,
+MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference,
             "ours_pipeline": ours_pipeline, "ours_matmul": ours_matmul, "peer_train": peer_train,
             "peer_inference": peer_inference, "peer_matmul": peer_matmul}
 
@@ -305,7 +284,7 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str | None, rou
     """Measure, appending to ``records`` as it goes (so that a failure keeps what was measured).
     With ``rounds`` > 1 the compared sides run that many times in fresh processes: their img/s
     are the rounds' medians, the ratio the median of the rounds' ratios, ``round_ratios`` each
-    round's. Without ``freeze_model`` the freeze sweep and the probe are left out."""
+    round's. Without ``freeze_model`` the freeze sweep is left out."""
 
     def record(model, what, ours, peer=None, unit="img/s", ratio=None, **extra):
         rec = dict(model=model, what=what, ours=ours, peer=peer, unit=unit,
@@ -350,7 +329,8 @@ def run(models, batch: int, size: int, steps: int, freeze_model: str | None, rou
 
 def freeze_sweep(freeze_model: str, batch: int, size: int, steps: int, record) -> None:
     """Every freeze depth of ``freeze_model`` (and its cached prefix) in turns with full
-    fine-tuning, then the probe epoch on cached features against recomputing them."""
+    fine-tuning. Its deepest is the linear probe (every block but the head frozen), whose
+    step on cached features is also recorded against recomputing them."""
     blocks = experiment_blocks(freeze_model)
     train = dict(model=freeze_model, batch=batch, size=size, steps=steps)
 
@@ -370,10 +350,8 @@ def freeze_sweep(freeze_model: str, batch: int, size: int, steps: int, record) -
         record_sweep(f"train, freeze depth {depth}, cached prefix", cached, full,
                      prefix_s_per_image=cached["prefix_s_per_image"],
                      cached_shape=cached["cached_shape"])
-    probe = measure("ours_probe", model=freeze_model, batch=batch, size=size, steps=steps)
-    record(freeze_model, "probe epoch: cached vs recompute", probe["recompute_epoch_s"] /
-           probe["cached_epoch_s"], unit="× faster", cached_s=probe["cached_epoch_s"],
-           recompute_s=probe["recompute_epoch_s"])
+    record(freeze_model, "linear probe: cached vs recompute", cached["img_s"] / ours["img_s"],
+           unit="× faster", cached_img_s=cached["img_s"], recompute_img_s=ours["img_s"])
 
 
 def processor() -> str:
@@ -444,7 +422,7 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--freeze_model", default="resnet50",
-                        help="the model of the freeze sweep and the probe; '' leaves them out")
+                        help="the model of the freeze sweep; '' leaves it out")
     parser.add_argument("--rounds", type=int, default=1,
                         help="fresh processes of each compared pair this many times: img/s are "
                              "the rounds' medians, the ratio the median of their ratios")

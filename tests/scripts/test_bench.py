@@ -36,6 +36,8 @@ def test_benchmark_runs_in_quick_mode(tmp_path):
     assert len(cached) == 5 and all(r["prefix_s_per_image"] > 0 for r in cached)
     assert all(c["flops"] < d["flops"] for c, d in zip(cached, depths[1:]))
     assert all(r["speedup"] == r["ours"] / r["full_img_s"] for r in sweep[1:])
+    probe = next(r for r in records if r["what"] == "linear probe: cached vs recompute")
+    assert probe["ours"] == cached[-1]["ours"] / depths[-1]["ours"]
     assert "| resnet18 | train step |" in (tmp_path / "bench.md").read_text()
     if process.libc_version().startswith("glibc"):  # both sides opted in to the buffer cache
         assert json.loads((tmp_path / "bench.json").read_text())["environment"]["buffer_cache"]
