@@ -226,16 +226,16 @@ def measure_interleaved(specs, turn_steps: int = 2) -> list[dict]:
     """Run measurements ``(name, glibc_defaults, kwargs)`` in subprocesses that take turns: each
     sets up alone, then times ``turn_steps`` steps at a time while the others wait (with
     ``turn_steps=0``, all its steps at once). Returns their results, in order."""
-    processes, results = [], []
+    children, results = [], []
     for name, glibc_defaults, kwargs in specs:  # one at a time: set-up runs alone
-        processes.append(_start(name, glibc_defaults, kwargs, turn_steps))
-        results.append(_until_turn_or_end(processes[-1]))
+        children.append(_start(name, glibc_defaults, kwargs, turn_steps))
+        results.append(_until_turn_or_end(children[-1]))
     while any(r == "turn" for r in results):
-        for i, process in enumerate(processes):
+        for i, child in enumerate(children):
             if results[i] == "turn":
-                process.stdin.write("go\n")
-                process.stdin.flush()
-                results[i] = _until_turn_or_end(process)
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                results[i] = _until_turn_or_end(child)
     return results
 
 
@@ -243,24 +243,24 @@ def _start(name: str, glibc_defaults: bool, kwargs: dict, turn_steps: int):
     env = {**os.environ, TURN_STEPS: str(turn_steps)}
     if glibc_defaults:
         env = process.untuned_environment(env)
-    process = subprocess.Popen(
+    child = subprocess.Popen(
         [sys.executable, "-m", "scripts.bench", "--one", json.dumps({"name": name, **kwargs})],
         cwd=Path(__file__).parents[1], env=env, text=True, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=tempfile.TemporaryFile("w+"))
-    process.spec = f"{name}{kwargs}"
-    return process
+    child.spec = f"{name}{kwargs}"
+    return child
 
 
-def _until_turn_or_end(process):
-    """"turn" when the process waits for its next turn, else its result once it has ended."""
+def _until_turn_or_end(child):
+    """"turn" when the child waits for its next turn, else its result once it has ended."""
     last = ""
-    for line in process.stdout:
+    for line in child.stdout:
         if line.strip() == "turn":
             return "turn"
         last = line.strip() or last
-    if process.wait():
-        process.stderr.seek(0)
-        raise RuntimeError(f"{process.spec} failed:\n{process.stderr.read()[-3000:]}")
+    if child.wait():
+        child.stderr.seek(0)
+        raise RuntimeError(f"{child.spec} failed:\n{child.stderr.read()[-3000:]}")
     return json.loads(last)
 
 

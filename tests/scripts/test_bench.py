@@ -79,3 +79,9 @@ def test_benchmark_keeps_what_it_measured_before_a_failure(tmp_path):
     records = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert [(r["model"], r["ours"], r["peer"]) for r in records] == [("machine", 100.0, 200.0)]
     assert "| machine | float32 matmul" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_measurement_runs_with_and_without_the_process_settings():
+    from scripts import bench
+    for glibc_defaults in (False, True):
+        assert bench.measure("ours_matmul", glibc_defaults, steps=1)["gflop_s"] > 0
