@@ -3,7 +3,7 @@
 The batch is sharded over the mesh's ``data`` axis and the state replicated
 (``research.sharding``). A run resumes from the latest checkpoint in its workdir; the batch at
 step k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted
-one. With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
+one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
 (``research.prefix_cache``).
 """
 
@@ -265,7 +265,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
                                  process_count=jax.process_count())
     bar = tqdm(total=exp.total_steps, initial=step, desc=cfg.get("name", "train"),
                disable=not cfg.train.progress or jax.process_index() != 0, leave=False)
-    epoch_metrics, history = [], []
+    epoch_metrics, history = _resume_records(exp, workdir / "metrics.jsonl", step), []
     while step < end:
         images, labels = next(batches)
         state, metrics = train_step(state, *sharding.global_batch(exp.mesh, images, labels))
@@ -329,6 +329,26 @@ def _resume(exp: Experiment, mngr) -> TrainState:
     state = exp.state.replace(params=variables["params"],
                               batch_stats=variables.get("batch_stats", {}), **train_state)
     return jax.device_put(state, sharding.replicated(exp.mesh))
+
+
+def _resume_records(exp: Experiment, path: Path, step: int) -> list[dict]:
+    """For a run resuming at ``step``: the train metrics of its period's steps run before a
+    stop, one a step, for the period's record to average them all; ``path`` is left with the
+    records before them, as an uninterrupted run writes (a stop's mid-period record, and any
+    written after the checkpoint the run resumes from, removed)."""
+    if step == exp.total_steps or not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    kept = [r for r in records if r["step"] <= step]
+    stopped = []
+    if kept and kept[-1]["step"] == step and not _every(
+            step, exp.steps_per_epoch * exp.cfg.train.eval_every_epochs):
+        last = kept.pop()
+        steps = step - (kept[-1]["step"] if kept else 0)
+        stopped = [{"loss": last["train_loss"], "accuracy": last["train_accuracy"]}] * steps
+    if jax.process_index() == 0 and kept != records:
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return stopped
 
 
 def _epoch_record(exp, state, step, epoch_metrics, eval_step) -> dict:

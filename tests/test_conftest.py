@@ -1,4 +1,5 @@
-"""tests/conftest.py's rule: under CI a skip fails the run unless the machine cannot run the test."""
+"""tests/conftest.py's rule: under CI a skip fails the run, unless the machine cannot run the
+test."""
 
 import os
 import shutil

@@ -10,10 +10,14 @@ from research.errors import CheckpointError, ConfigError
 FEW = "data.per_class=40,train.batch_size=40,train.epochs=3.0"
 
 
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_loss_falls_on_fashion_mnist(make_config, tmp_path):
     cfg = make_config("fashion_mnist.py", f"{FEW},train.epochs=4.0,optim.lr=0.05")
     train.train_and_evaluate(cfg, tmp_path)
-    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    history = records(tmp_path)
     assert len(history) == 4
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
@@ -26,8 +30,16 @@ def test_resumed_run_ends_bit_identical(make_config, tmp_path):
     assert int(interrupted["state"].step) == 13
     resumed = train.train_and_evaluate(cfg, tmp_path / "resumed")["state"]
     assert int(resumed.step) == int(whole.step) == 30
-    for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(resumed))):
+    whole, resumed = jax.device_get(whole), jax.device_get(resumed)
+    assert jax.tree.structure(whole) == jax.tree.structure(resumed)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    # One record an epoch, as without the stop; the interrupted epoch's train loss averages
+    # all its steps, those before the stop too (summed in another order: 1e-12).
+    expected, got = records(tmp_path / "whole"), records(tmp_path / "resumed")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [10, 20, 30]
+    for e, g in zip(expected, got, strict=True):
+        assert g == pytest.approx(e, rel=1e-12, abs=0)
 
 
 @pytest.fixture(scope="module")
