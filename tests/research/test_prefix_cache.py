@@ -24,11 +24,14 @@ def test_cached_prefix_run_equals_the_whole_network_run(make_config, tmp_path):
     cached = train.train_and_evaluate(
         make_config("fashion_mnist.py", f"{FEW},freeze.depth=2,freeze.cache_prefix=True"),
         tmp_path / "cached")
-    for a, b in zip(history(tmp_path / "whole"), history(tmp_path / "cached")):
+    expected, got = history(tmp_path / "whole"), history(tmp_path / "cached")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [5, 10]
+    for a, b in zip(expected, got, strict=True):
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
         np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-3)
-    for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"].params)),
-                    jax.tree.leaves(jax.device_get(cached["state"].params))):
+    whole, cached = jax.device_get(whole["state"].params), jax.device_get(cached["state"].params)
+    assert jax.tree.structure(whole) == jax.tree.structure(cached)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(cached), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
