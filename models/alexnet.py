@@ -40,11 +40,12 @@ class AlexNet(nn.Module):
         x = layers.max_pool(x, 3, 2)
         x = layers.adaptive_avg_pool(x, POOL_SIZE).reshape(x.shape[0], -1)
         dropout = functools.partial(nn.Dropout, self.dropout, deterministic=not train)
-        x = nn.relu(nn.Dense(FC_FEATURES, dtype=self.dtype, name="fc6")(dropout()(x)))
-        x = nn.relu(nn.Dense(FC_FEATURES, dtype=self.dtype, name="fc7")(dropout()(x)))
+        dense = functools.partial(layers.Dense, FC_FEATURES, act=nn.relu, dtype=self.dtype)
+        x = dense(name="fc6")(dropout()(x))
+        x = dense(name="fc7")(dropout()(x))
         if pre_logits:
             return x
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return layers.ClassifierHead(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 register("alexnet", AlexNet, input_size=224, min_size=63, torchvision="alexnet")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from models import layers
 from models.mobilenet import (TF_BN_EPS, TF_BN_MOMENTUM, BlockSpec, InvertedResidual,
-                              classify, conv_options)
+                              conv_options)
 from models.registry import register
 
 # expand ratio, kernel, first stride, in, out, repeats: B0's table, scaled for B1–B7.
@@ -84,7 +84,11 @@ class EfficientNet(nn.Module):
         for i, specs in enumerate(stages, start=1):
             x = Stage(specs, **conv_options(self), name=f"stage{i}")(x, train)
         x = conv_bn(4 * stages[-1][-1].features, 1, name="features_last")(x, train)
-        return classify(self, layers.global_avg_pool(x), train, pre_logits)
+        x = layers.global_avg_pool(x)
+        if pre_logits:
+            return x
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 # torchvision trains B5–B7 with BatchNorm(eps=1e-3, momentum=0.01), B0–B4 with the defaults.

@@ -69,12 +69,12 @@ def aux_heads_run(model: nn.Module, train: bool) -> bool:
 
 
 def classify(model: nn.Module, x, train: bool, pre_logits: bool):
-    """Global average pool → dropout → the ``head`` Dense, as both torchvision models end."""
+    """Global average pool → the ``head`` (dropout, Dense), as both torchvision models end."""
     x = layers.global_avg_pool(x)
     if pre_logits:
         return x
-    x = nn.Dropout(model.dropout, deterministic=not train)(x)
-    return nn.Dense(model.num_classes, dtype=model.dtype, name="head")(x)
+    return layers.ClassifierHead(model.num_classes, dropout=model.dropout, dtype=model.dtype,
+                                 name="head")(x, train)
 
 
 # ----------------------------------------------------------------------------- GoogLeNet
@@ -126,9 +126,9 @@ class GoogLeNetAux(nn.Module):
         x = layers.adaptive_avg_pool(x, 4)
         x = BasicConv(128, 1, dtype=self.dtype, name="conv")(x, train)
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # torch's channel-major flatten
-        x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc1")(x))
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+        x = layers.Dense(1024, act=nn.relu, dtype=self.dtype, name="fc1")(x)
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="fc2")(x, train)
 
 
 class GoogLeNetStem(nn.Module):
@@ -308,11 +308,11 @@ class InceptionAux(nn.Module):
                              f"{self.MIN_SIZE}×{self.MIN_SIZE} (inputs of at least 299 px), got "
                              f"{x.shape[1]}×{x.shape[2]}: train smaller inputs with "
                              "aux_logits=False")
-        x = nn.avg_pool(x, (5, 5), (3, 3))
+        x = layers.avg_pool(x, 5, 3)
         x = BasicConv(128, 1, dtype=self.dtype, name="conv0")(x, train)
         x = BasicConv(768, 5, padding="valid", dtype=self.dtype, name="conv1")(x, train)
         x = layers.global_avg_pool(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return layers.ClassifierHead(self.num_classes, dtype=self.dtype, name="fc")(x)
 
 
 class InceptionV3Stem(nn.Module):

@@ -1,4 +1,11 @@
-"""Building blocks shared by every model family.
+"""The layers every model family is built of: convolution, dense, normalisation, pooling,
+attention, residual sums and the classifier head, each equal to its Flax or PyTorch
+counterpart (same variables, same values).
+
+This module is the one seam between the architectures and the CPU speed layer
+(``models.cpu``): the layers compute through that layer, which runs a faster formulation on
+the CPU where it has one (``models.cpu.switches`` turns its parts off). The architectures use
+these layers and never ``models.cpu`` itself.
 
 Padding follows the source of the weights: ``"torch"`` pads symmetrically by ``k // 2``
 (times the dilation), ``"same"`` is TensorFlow's asymmetric SAME padding. BatchNorm defaults
@@ -14,10 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.cpu import dispatch as ops
+from models import cpu
 
 Dtype = Any
 Activation = Callable[[jax.Array], jax.Array]
+Initializer = Callable[..., jax.Array]
 
 TORCH_BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Flax's convention.
 TORCH_BN_EPS = 1e-5
@@ -52,19 +60,60 @@ def Conv(features: int, kernel_size=3, strides=1, *, groups: int = 1, dilation=1
     return nn.Conv(features, pair(kernel_size), pair(strides), padding=pad,
                    feature_group_count=groups, kernel_dilation=pair(dilation),
                    use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name,
-                   conv_general_dilated=ops.conv_general_dilated)
+                   conv_general_dilated=cpu.conv_general_dilated)
 
 
-# The activations ``ops.batch_norm`` fuses, by the functions models pass.
-_FUSED_ACTIVATIONS = {jax.nn.relu: "relu", jax.nn.relu6: "relu6", jax.nn.silu: "silu",
-                      ops.hard_swish: "hard_swish"}
+hard_sigmoid, hard_swish, gelu = cpu.hard_sigmoid, cpu.hard_swish, cpu.gelu  # gelu: exact
+
+
+class Dense(nn.Module):
+    """``nn.Dense`` over the last axis (same variables: ``kernel`` (in, features), ``bias``;
+    same values), its product the CPU layer's ``dot_general``, then ``act`` (None: none). With
+    ``act=gelu`` the bias and the GELU are one operation (``cpu.bias_gelu``)."""
+
+    features: int
+    act: Activation | None = None
+    kernel_init: Initializer = dense_init
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        y, bias = _product(x, kernel, self.dtype), bias.astype(self.dtype)
+        if self.act is gelu:
+            return cpu.bias_gelu(y, bias)
+        y = y + bias
+        return y if self.act is None else self.act(y)
+
+
+class ClassifierHead(Dense):
+    """Dropout at rate ``dropout`` while training, then the Dense layer to the logits. Used as
+    ``name="head"``, its variables are ``head/kernel`` and ``head/bias``."""
+
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return super().__call__(nn.Dropout(self.dropout, deterministic=not train)(x))
+
+
+def _product(x, kernel, dtype):
+    """x·kernel over x's last axis, for a (fan-in, fan-out) ``kernel``, in ``dtype``."""
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    return cpu.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+# The activations ``cpu.batch_norm`` applies itself, by the functions models pass.
+_FUSED_ACTIVATIONS = {function: name for name, (function, _) in cpu.ACTIVATIONS.items()}
 
 
 class FusedBatchNorm(nn.BatchNorm):
     """``nn.BatchNorm`` followed by ``act`` (None: none), whose training pass over NHWC
-    features differentiates through ``ops.batch_norm``: the gradient in one loop after two
+    features differentiates through ``cpu.batch_norm``: the gradient in one loop after two
     sums, where autodiff of Flax's formulation takes more passes over the activations, and the
-    activation's derivative recomputed from the input (for those ``ops.batch_norm`` knows).
+    activation's derivative recomputed from the input (for those ``cpu.batch_norm`` knows).
     Same variables, same values."""
 
     act: Activation | None = None
@@ -83,7 +132,7 @@ class FusedBatchNorm(nn.BatchNorm):
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         fused = _FUSED_ACTIVATIONS.get(self.act)
-        y, mean, var = ops.batch_norm(x, scale, bias, self.epsilon, fused)
+        y, mean, var = cpu.batch_norm(x, scale, bias, self.epsilon, fused)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         y = y.astype(self.dtype or jnp.result_type(x, scale, bias))
@@ -94,7 +143,7 @@ class FusedBatchNorm(nn.BatchNorm):
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the last axis through ``ops.layer_norm`` (one native pass over
+    """``nn.LayerNorm`` over the last axis through ``cpu.layer_norm`` (one native pass over
     memory each way on the CPU), the variance that of the centred values. Same variables; the
     other forms (other axes, no scale or bias, a mask, an ``axis_name``) are Flax's own."""
 
@@ -109,7 +158,7 @@ class LayerNorm(nn.LayerNorm):
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, scale, bias)
         x, scale, bias = (v.astype(dtype) for v in (x, scale, bias))
-        return ops.layer_norm(x, scale, bias, self.epsilon)
+        return cpu.layer_norm(x, scale, bias, self.epsilon)
 
 
 def BatchNorm(train: bool, *, eps: float = TORCH_BN_EPS, momentum: float = TORCH_BN_MOMENTUM,
@@ -146,10 +195,101 @@ class ConvBN(nn.Module):
                          act=self.act, name="bn")(x)
 
 
-def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False):
-    """PyTorch's ``MaxPool2d`` (padding with -inf, optional ``ceil_mode``)."""
+class MultiHeadSelfAttention(nn.Module):
+    """Flax's ``MultiHeadDotProductAttention`` as a ViT applies it: self-attention over the
+    tokens (batch, tokens, width), no mask, ``num_heads`` heads of ``width // num_heads``,
+    ``dropout_rate`` on the attention weights while training. Same variables: ``query``,
+    ``key``, ``value`` with kernel (width, heads, head_dim) and bias (heads, head_dim), ``out``
+    with kernel (heads, head_dim, width) and bias (width,); kernels initialised by
+    ``kernel_init`` as (fan-in, fan-out) matrices, as Flax's ``DenseGeneral`` does, biases zero.
+
+    q, k and v come from one product, their kernels side by side, which ``cpu.self_attention``
+    reads in place, adding the biases.
+
+    With ``class_token_only``, the first token (the class token) alone queries, every token
+    still a key and a value: the output is that token's, (batch, 1, width), and the others'
+    queries are never computed."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    class_token_only: bool = False
+    kernel_init: Initializer = dense_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        batch, width = x.shape[0], x.shape[-1]
+        heads = (self.num_heads, width // self.num_heads)
+        query, key, value = (self._projection(name, (width,), heads)
+                             for name in ("query", "key", "value"))
+        out = self._projection("out", heads, (width,))
+        dropout = train and self.dropout_rate > 0.0
+        if self.class_token_only:
+            q = _affine(x[:, :1], *query, self.dtype).reshape(batch, 1, *heads)
+            products, biases = _side_by_side(x, (key, value), heads, self.dtype)
+            y = self._attend(q, *_unstack(products + biases), dropout)
+        else:
+            products, biases = _side_by_side(x, (query, key, value), heads, self.dtype)
+            if dropout:
+                y = self._attend(*_unstack(products + biases), dropout)
+            else:
+                y = cpu.self_attention(products, biases)
+        return _affine(y.reshape(batch, -1, width), *out, self.dtype)
+
+    def _projection(self, name: str, in_shape, out_shape):
+        return _DenseGeneralVariables(in_shape, out_shape, self.kernel_init, name=name)()
+
+    def _attend(self, query, key, value, dropout: bool):
+        return nn.dot_product_attention(
+            query, key, value, dropout_rng=self.make_rng("dropout") if dropout else None,
+            dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=not dropout,
+            dtype=self.dtype)
+
+
+class _DenseGeneralVariables(nn.Module):
+    """The ``kernel`` (in_shape + out_shape) and ``bias`` (out_shape) of a Flax
+    ``DenseGeneral``, initialised alike, returned as a (fan-in, fan-out) matrix and a vector:
+    ``MultiHeadSelfAttention`` applies q's, k's and v's side by side in one product."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_init: Initializer
+
+    @nn.compact
+    def __call__(self):
+        matrix = (math.prod(self.in_shape), math.prod(self.out_shape))
+        kernel_init = lambda rng, shape: self.kernel_init(rng, matrix, jnp.float32).reshape(shape)
+        kernel = self.param("kernel", kernel_init, self.in_shape + self.out_shape)
+        bias = self.param("bias", nn.initializers.zeros, self.out_shape, jnp.float32)
+        return kernel.reshape(matrix), bias.reshape(-1)
+
+
+def _affine(x, kernel, bias, dtype):
+    return _product(x, kernel, dtype) + bias.astype(dtype)
+
+
+def _side_by_side(x, projections, heads: tuple[int, int], dtype):
+    """x's products with the projections' kernels, as one product: (..., n, heads, head_dim)
+    for n projections; and their biases, (n, heads, head_dim)."""
+    kernels, biases = zip(*projections)
+    products = _product(x, jnp.concatenate(kernels, axis=1), dtype)
+    n = len(projections)
+    return (products.reshape(*x.shape[:-1], n, *heads),
+            jnp.stack(biases).reshape(n, *heads).astype(dtype))
+
+
+def _unstack(projected):
+    """The (..., heads, head_dim) arrays of (..., n, heads, head_dim) ``projected``."""
+    return tuple(projected[..., i, :, :] for i in range(projected.shape[-3]))
+
+
+def max_pool(x, window: int, stride: int, padding: int | str = 0, ceil_mode: bool = False):
+    """PyTorch's ``MaxPool2d`` (padding with -inf, optional ``ceil_mode``), or with
+    ``padding="same"`` TensorFlow's SAME max-pool."""
+    if padding == "same":
+        return cpu.max_pool(x, (window, window), (stride, stride), "SAME")
     pads = [_pool_padding(size, window, stride, padding, ceil_mode) for size in x.shape[1:3]]
-    return ops.max_pool(x, (window, window), (stride, stride), pads)
+    return cpu.max_pool(x, (window, window), (stride, stride), pads)
 
 
 def avg_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False,
@@ -208,9 +348,6 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new + divisor if new < 0.9 * value else new
 
 
-hard_sigmoid, hard_swish, bias_gelu = ops.hard_sigmoid, ops.hard_swish, ops.bias_gelu
-
-
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: global pool → reduce conv → act → expand conv → gate."""
 
@@ -241,3 +378,21 @@ class StochasticDepth(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0.0)
+
+
+def residual_sum(x, y):
+    """``x + y``, a residual block's output, written to memory once for all of its consumers
+    (``cpu.materialize``)."""
+    return cpu.materialize(x + y)
+
+
+def residual_relu(x, y):
+    """``relu(x + y)``, a residual block's output, written once, its gradient masked by the
+    output (``cpu.residual_relu``)."""
+    return cpu.residual_relu(x + y)
+
+
+def add_position_embedding(tokens, embedding):
+    """``tokens + embedding``: the (1, tokens, width) embedding added to each image's
+    (batch, tokens, width) tokens (``cpu.add_to_each_image``)."""
+    return cpu.add_to_each_image(tokens, embedding.astype(tokens.dtype))

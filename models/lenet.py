@@ -34,11 +34,11 @@ class LeNet5(nn.Module):
         x = layers.avg_pool(nn.relu(conv(16, name="c3")(x)), 2, 2)
         x = nn.relu(conv(120, name="c5")(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(84, dtype=self.dtype, name="f6")(x))
+        x = layers.Dense(84, act=nn.relu, dtype=self.dtype, name="f6")(x)
         if pre_logits:
             return x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 def _pad_to(x, size: int):

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers, ops
+from models import layers
 from models.registry import register
 
 # TensorFlow's BatchNorm defaults, which torchvision keeps for MobileNetV3 and EfficientNet-B5–B7.
@@ -88,16 +88,8 @@ class InvertedResidual(nn.Module):
                                      name="se")(y)
         y = conv_bn(spec.features, 1, act=None, name="project")(y, train)
         if spec.has_shortcut:
-            return ops.materialize(x + layers.StochasticDepth(spec.drop_path)(y, train))
+            return layers.residual_sum(x, layers.StochasticDepth(spec.drop_path)(y, train))
         return y
-
-
-def classify(model: nn.Module, features, train: bool, pre_logits: bool):
-    """Dropout and the ``head`` Dense on pooled ``features`` (returned as is for pre_logits)."""
-    if pre_logits:
-        return features
-    x = nn.Dropout(model.dropout, deterministic=not train)(features)
-    return nn.Dense(model.num_classes, dtype=model.dtype, name="head")(x)
 
 
 def inverted_residual_features(model: nn.Module, x, specs: Sequence[BlockSpec], act,
@@ -148,7 +140,11 @@ class MobileNetV2(nn.Module):
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
         last = _scaled(1280, max(1.0, self.width_mult))
         x = inverted_residual_features(self, x, self.block_specs(), jax.nn.relu6, last, train)
-        return classify(self, layers.global_avg_pool(x), train, pre_logits)
+        x = layers.global_avg_pool(x)
+        if pre_logits:
+            return x
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 _RE, _HS = nn.relu, layers.hard_swish
@@ -214,9 +210,12 @@ class MobileNetV3(nn.Module):
         specs = self.block_specs()
         x = inverted_residual_features(self, x, specs, self.act, 6 * specs[-1].features, train)
         multiplier = max(1.0, self.width_mult) if self.keras_widths else self.width_mult
-        x = nn.Dense(_scaled(self.pre_head_features, multiplier), dtype=self.dtype,
-                     name="pre_head")(layers.global_avg_pool(x))
-        return classify(self, self.act(x), train, pre_logits)
+        x = layers.Dense(_scaled(self.pre_head_features, multiplier), act=self.act,
+                         dtype=self.dtype, name="pre_head")(layers.global_avg_pool(x))
+        if pre_logits:
+            return x
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 # Output channels and stride of Keras's 13 depthwise-separable blocks.
@@ -269,7 +268,11 @@ class MobileNetV1(nn.Module):
         for i, (features, strides) in enumerate(V1_SETTING, start=1):
             x = DepthwiseSeparable(int(features * self.alpha), strides, **conv_options(self),
                                    name=f"block{i}")(x, train)
-        return classify(self, layers.global_avg_pool(x), train, pre_logits)
+        x = layers.global_avg_pool(x)
+        if pre_logits:
+            return x
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 MobileNetV3Large = functools.partial(MobileNetV3, setting=V3_LARGE, pre_head_features=1280)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers, ops
+from models import layers
 from models.registry import register
 
 
@@ -53,7 +53,7 @@ class BasicBlock(Block):
         y = self.bn(train, act=nn.relu, name="bn1")(y)
         y = self.conv(self.features, 3, name="conv2")(y)
         y = self.bn(train, name="bn2")(y)
-        return ops.residual_relu(y + self.shortcut(x, self.features, train))
+        return layers.residual_relu(y, self.shortcut(x, self.features, train))
 
 
 class Bottleneck(Block):
@@ -66,7 +66,7 @@ class Bottleneck(Block):
         y = self.bn(train, act=nn.relu, name="bn2")(y)
         y = self.conv(self.features * 4, 1, name="conv3")(y)
         y = self.bn(train, name="bn3")(y)
-        return ops.residual_relu(y + self.shortcut(x, self.features * 4, train))
+        return layers.residual_relu(y, self.shortcut(x, self.features * 4, train))
 
 
 class ResNet(nn.Module):
@@ -97,8 +97,8 @@ class ResNet(nn.Module):
         x = layers.global_avg_pool(x)
         if pre_logits:
             return x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 class Stem(nn.Module):

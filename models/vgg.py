@@ -61,13 +61,16 @@ class VGG(nn.Module):
         for i, (depth, width) in enumerate(zip(self.depths, self.widths), start=1):
             x = VGGBlock(depth, width, self.batch_norm, self.dtype, name=f"block{i}")(x, train)
         x = layers.adaptive_avg_pool(x, POOL_SIZE).reshape(x.shape[0], -1)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=classifier_init)
-        dropout = functools.partial(nn.Dropout, self.dropout, deterministic=not train)
-        x = dropout()(nn.relu(dense(FC_FEATURES, name="fc6")(x)))
-        x = nn.relu(dense(FC_FEATURES, name="fc7")(x))
+        dense = functools.partial(layers.Dense, FC_FEATURES, act=nn.relu,
+                                  kernel_init=classifier_init, dtype=self.dtype)
+        x = dense(name="fc6")(x)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = dense(name="fc7")(x)
         if pre_logits:
             return x
-        return dense(self.num_classes, name="head")(dropout()(x))
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout,
+                                     kernel_init=classifier_init, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 VGG11 = functools.partial(VGG, depths=(1, 1, 2, 2, 2))  # configuration A

@@ -1,5 +1,6 @@
 """Vision Transformer (Dosovitskiy et al., 2020): class token, learned position embedding,
-pre-norm encoder blocks (LayerNorm epsilon 1e-6, exact GELU, MLP ratio 4).
+pre-norm encoder blocks (LayerNorm epsilon 1e-6, exact GELU, MLP ratio 4), as big_vision's
+``models/vit.py`` and torchvision's ``VisionTransformer``.
 
 Blocks: ``embed`` (patch conv, class token, position embedding), ``block00`` … ``block11``
 (``block23`` for ViT-L), ``norm``, ``head``. Paths: ``embed/patch/kernel``, ``embed/cls_token``,
@@ -9,7 +10,7 @@ checkpoints), ``block03/mlp/fc1/kernel``, ``norm/scale``, ``head/kernel``.
 
 The head reads the class token alone, so the last block computes that token's output alone
 (its attention's keys and values from all tokens): the same logits and gradients, without the
-other tokens' queries, attention output, projection and MLP (ViT-S/16: 7% of a step's flops).
+other tokens' queries, attention output, projection and MLP.
 
 The position embedding's length is fixed when the model is initialised, by the input's grid of
 patches; any input whose sides are multiples of the patch size works, but applying the model
@@ -19,13 +20,12 @@ to another grid than it was initialised with is an error.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers, ops
+from models import layers
 from models.registry import register
 
 LN_EPS = 1e-6
@@ -61,7 +61,7 @@ class Embedding(nn.Module):
         cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
         cls_tokens = jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width))
         x = jnp.concatenate([cls_tokens, x], axis=1)
-        return ops.add_to_each_image(x, self.position_embedding(grid).astype(x.dtype))
+        return layers.add_position_embedding(x, self.position_embedding(grid))
 
     def position_embedding(self, grid: tuple[int, int]):
         """The learned embedding of the class token and a ``grid`` of patches, row by row."""
@@ -79,95 +79,21 @@ class Embedding(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 → GELU → dropout → fc2 → dropout."""
+
     hidden: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        dense = functools.partial(layers.Dense, kernel_init=xavier_init, bias_init=mlp_bias_init,
+                                  dtype=self.dtype)
         width = x.shape[-1]
-        kernel, bias = Projection((width,), (self.hidden,), mlp_bias_init, name="fc1")()
-        x = layers.bias_gelu(product(x, kernel, self.dtype), bias.astype(self.dtype))
+        x = dense(self.hidden, act=layers.gelu, name="fc1")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = nn.Dense(width, dtype=self.dtype, kernel_init=xavier_init, bias_init=mlp_bias_init,
-                     dot_general=ops.dot_general, name="fc2")(x)
+        x = dense(width, name="fc2")(x)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
-class Projection(nn.Module):
-    """The kernel (``in_shape + out_shape``) and bias (``out_shape``) of a Flax
-    ``DenseGeneral`` with those shapes: same names, initialised alike (on the flattened
-    matrix), returned for the caller to apply."""
-
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self):
-        def kernel_init(rng, shape, dtype=jnp.float32):
-            matrix = (math.prod(self.in_shape), math.prod(self.out_shape))
-            return xavier_init(rng, matrix, dtype).reshape(shape)
-        return (self.param("kernel", kernel_init, self.in_shape + self.out_shape),
-                self.param("bias", self.bias_init, self.out_shape))
-
-
-def product(x, kernel, dtype):
-    """x·kernel over x's last axis, for a (fan-in, fan-out) ``kernel``."""
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    return ops.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def dense(x, kernel, bias, dtype):
-    """x·kernel + bias over x's last axis, for a (fan-in, fan-out) ``kernel``."""
-    return product(x, kernel, dtype) + bias.astype(dtype)
-
-
-class SelfAttention(nn.Module):
-    """Flax's ``MultiHeadDotProductAttention`` as a ViT applies it (self-attention, no mask),
-    with its variables (``query``, ``key``, ``value``, ``out``: kernel and bias), but q, k and v
-    from one product with their kernels side by side, which ``ops.self_attention`` reads in
-    place, adding the biases on the way: one product each way instead of three, and no copies
-    or bias pass between them.
-
-    With ``class_token_only``, only the first token (the class token) queries: the output is
-    that token's alone, and q is computed for it alone."""
-
-    num_heads: int
-    dropout_rate: float = 0.0  # on the attention weights
-    class_token_only: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        width = x.shape[-1]
-        heads = (self.num_heads, width // self.num_heads)
-        kernels, biases = zip(*(Projection((width,), heads, name=name)()
-                                for name in ("query", "key", "value")))
-        first = 1 if self.class_token_only else 0  # then q is the class token's alone
-        projected = product(
-            x, jnp.concatenate([k.reshape(width, -1) for k in kernels[first:]], axis=1),
-            self.dtype).reshape(*x.shape[:-1], 3 - first, *heads)
-        bias = jnp.stack(biases[first:]).astype(self.dtype)
-        if self.class_token_only:
-            query = dense(x[:, :1], kernels[0].reshape(width, -1), biases[0].reshape(-1),
-                          self.dtype).reshape(x.shape[0], 1, *heads)
-            kv = projected + bias
-            y = self.attend(query, kv[:, :, 0], kv[:, :, 1], train)
-        elif train and self.dropout_rate > 0.0:
-            qkv = projected + bias
-            y = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], train)
-        else:
-            y = ops.self_attention(projected, bias)
-        kernel, bias = Projection(heads, (width,), name="out")()
-        return dense(y.reshape(*y.shape[:2], width), kernel.reshape(-1, width), bias, self.dtype)
-
-    def attend(self, query, key, value, train: bool):
-        dropout = train and self.dropout_rate > 0.0
-        return nn.dot_product_attention(
-            query, key, value, dropout_rng=self.make_rng("dropout") if dropout else None,
-            dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=not dropout,
-            dtype=self.dtype)
 
 
 class EncoderBlock(nn.Module):
@@ -186,8 +112,10 @@ class EncoderBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         norm = functools.partial(layers.LayerNorm, epsilon=LN_EPS, dtype=self.dtype)
         y = norm(name="ln1")(x)
-        y = SelfAttention(self.num_heads, self.attention_dropout, self.class_token_only,
-                          self.dtype, name="attn")(y, train)
+        y = layers.MultiHeadSelfAttention(
+            self.num_heads, dropout_rate=self.attention_dropout,
+            class_token_only=self.class_token_only, kernel_init=xavier_init, dtype=self.dtype,
+            name="attn")(y, train)
         if self.class_token_only:
             x = x[:, :1]
         x = x + nn.Dropout(self.encoder_dropout, deterministic=not train)(y)
@@ -225,9 +153,8 @@ class VisionTransformer(nn.Module):
         x = layers.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)[:, 0]
         if pre_logits:
             return x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                        name="head")(x)
+        return layers.ClassifierHead(self.num_classes, kernel_init=nn.initializers.zeros,
+                                     dropout=self.dropout, dtype=self.dtype, name="head")(x, train)
 
 
 def _variant(size: str, patch_size: int):

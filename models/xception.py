@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers, ops
+from models import layers
 from models.registry import register
 
 KERAS_BN_EPS = 1e-3
@@ -89,14 +89,11 @@ class ResidualBlock(nn.Module):
             y = SeparableConv(features, self.dtype, name=f"sepconv{i}")(y)
             y = bn(self, train, f"sepconv{i}_bn")(y)
         if not self.downsample:
-            return ops.materialize(x + y)
-        if self.padding == "same":
-            y = ops.max_pool(y, (3, 3), (2, 2), "SAME")
-        else:
-            y = layers.max_pool(y, 3, 2, padding=1)
+            return layers.residual_sum(x, y)
+        y = layers.max_pool(y, 3, 2, padding="same" if self.padding == "same" else 1)
         shortcut = layers.Conv(self.widths[-1], 1, 2, padding="same", dtype=self.dtype,
                                name="residual")(x)
-        return ops.materialize(y + bn(self, train, "residual_bn")(shortcut))
+        return layers.residual_sum(y, bn(self, train, "residual_bn")(shortcut))
 
 
 class ExitConvs(nn.Module):
@@ -137,8 +134,8 @@ class Xception(nn.Module):
         x = layers.global_avg_pool(x)
         if pre_logits:
             return x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return layers.ClassifierHead(self.num_classes, dropout=self.dropout, dtype=self.dtype,
+                                     name="head")(x, train)
 
 
 register("xception", Xception, input_size=299, min_size=71)
