@@ -4,7 +4,6 @@ Importing it sets XLA:CPU's flags (``models.cpu.process.set_xla_flags``) and cha
 else outside this package.
 """
 
-from models.cpu import dispatch as ops  # TEMPORARY: until the families stop importing models.ops
 from models import (alexnet, efficientnet, inception, lenet, mobilenet, resnet,  # noqa: F401
                     vgg, vit, xception)  # each family registers its models
 from models.cpu import process
