@@ -85,7 +85,10 @@ def run_config(cfg, run: Run, pretrained_dir: Path):
 
 
 def pretrain(cfg, workdir: Path) -> Path:
-    """The checkpoint transfer starts from: ``pretrain.init.checkpoint`` or a fresh run."""
+    """The checkpoint transfer starts from: ``pretrain.init.checkpoint`` as it is (nothing is
+    trained), or else a run of ``cfg.pretrain`` in ``<workdir>/pretrain``."""
+    if cfg.pretrain.init.checkpoint:
+        return Path(cfg.pretrain.init.checkpoint)
     directory = workdir / "pretrain"
     result = train.train_and_evaluate(cfg.pretrain, directory)
     print(f"pretrained {cfg.pretrain.model.name}: test accuracy "
