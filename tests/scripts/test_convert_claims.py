@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from research import convert, preprocess, pretrained, tree
 from tests import reference
