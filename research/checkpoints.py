@@ -37,6 +37,18 @@ def save(mngr: ocp.CheckpointManager, step: int, variables, meta: dict, train_st
     mngr.save(step, args=ocp.args.Composite(**items))
 
 
+def latest_step(orbax_dir: str | Path) -> int | None:
+    """The latest saved step in ``orbax_dir``, or None where it holds none or does not exist;
+    creates nothing."""
+    if not Path(orbax_dir).is_dir():
+        return None
+    mngr = manager(orbax_dir, create=False, max_to_keep=None)
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
 def open_existing(directory: str | Path) -> tuple[ocp.CheckpointManager, int]:
     """The manager of a checkpoint directory and its latest step, or a CheckpointError."""
     path = checkpoint_dir(directory)

@@ -23,7 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 import models
-from models.cpu import native
+from models import cpu
 from research import (checkpoints, data, freeze, optim, prefix_cache, preprocess, pretrained,
                       sharding, tree)
 from research.errors import ConfigError
@@ -235,7 +235,7 @@ def compiled_flops(exp: Experiment, cache: prefix_cache.PrefixCache | None = Non
         inputs = jax.ShapeDtypeStruct((b, *exp.train_split.image_shape), jnp.uint8)
     inputs = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype, sharding=batch)
     labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)
-    with native.disabled():
+    with cpu.xla_lowering_only():
         compiled = make_train_step(exp, cache).lower(exp.state, inputs, labels).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
@@ -251,10 +251,10 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     start = time.perf_counter()
     exp = build(cfg)
     workdir = Path(workdir)
+    state = _resume(exp, workdir)
+    cache = _prefix_cache(exp, state) if cfg.freeze.get("cache_prefix") else None
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.manager(workdir / checkpoints.SUBDIR, max_to_keep=cfg.train.keep_checkpoints)
-    state = _resume(exp, mngr)
-    cache = _prefix_cache(exp, state) if cfg.freeze.get("cache_prefix") else None
     train_step, eval_step = make_train_step(exp, cache), make_eval_step(exp)
     end = exp.total_steps if stop_after is None else min(stop_after, exp.total_steps)
     step = int(state.step)
@@ -298,19 +298,24 @@ def _prefix_cache(exp: Experiment, state: TrainState) -> prefix_cache.PrefixCach
 
 def _check_cached_step(exp: Experiment, state: TrainState, cache: prefix_cache.PrefixCache):
     """One step from the prefix's cached output and one through the whole network, from
-    ``state`` on the same examples (a batch the mesh divides), must give the same loss."""
+    ``state`` on the same examples (a batch the mesh divides), must give the same loss and the
+    same updated parameters (a fresh head of zeros can hide a difference in the loss alone)."""
     positions = np.arange(max(2, exp.mesh.size)) % len(exp.train_split)
     local = data.process_rows(exp.train_split.read_batch(positions), jax.process_index(),
                               jax.process_count())
     images, labels = sharding.global_batch(exp.mesh, *local)
     copy = lambda: jax.tree.map(lambda a: a.copy(), state)
-    _, expected = make_train_step(exp)(copy(), images, labels)
-    _, got = make_train_step(exp, cache)(copy(), cache.prefix(state.variables(), images), labels)
+    whole, expected = make_train_step(exp)(copy(), images, labels)
+    cached, got = make_train_step(exp, cache)(copy(), cache.prefix(state.variables(), images),
+                                              labels)
     expected, got = float(expected["loss"]), float(got["loss"])
-    if not np.isclose(got, expected, rtol=1e-4, atol=1e-5):
+    same_update = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(
+        jax.tree.leaves(whole.params), jax.tree.leaves(cached.params), strict=True))
+    if not (np.isclose(got, expected, rtol=1e-4, atol=1e-5) and same_update):
         raise ConfigError(
             f"freeze.cache_prefix: a step on cached outputs of block "
-            f"{exp.plan.frozen_prefix[-1]!r} gives loss {got:.6g}, the whole network "
+            f"{exp.plan.frozen_prefix[-1]!r} gives loss {got:.6g} and "
+            f"{'the same' if same_update else 'other'} parameters, the whole network loss "
             f"{expected:.6g}. {type(exp.model).__name__}'s later blocks read more than that "
             "block's output, or its frozen blocks are random in training (dropout): train "
             "without freeze.cache_prefix, or at another freeze.depth.")
@@ -320,11 +325,12 @@ def _every(step: int, period: float) -> bool:
     return period > 0 and step % max(int(round(period)), 1) == 0
 
 
-def _resume(exp: Experiment, mngr) -> TrainState:
-    step = mngr.latest_step()
-    if step is None:
+def _resume(exp: Experiment, workdir: Path) -> TrainState:
+    """The state of ``workdir``'s latest checkpoint, or the initial state where it has none;
+    writes nothing."""
+    if checkpoints.latest_step(workdir / checkpoints.SUBDIR) is None:
         return exp.state
-    variables, _, train_state = checkpoints.restore(mngr.directory,
+    variables, _, train_state = checkpoints.restore(workdir,
                                                     with_train_state_like=exp.state.train_state())
     state = exp.state.replace(params=variables["params"],
                               batch_stats=variables.get("batch_stats", {}), **train_state)

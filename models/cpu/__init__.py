@@ -2,7 +2,9 @@
 
 ``models.layers`` is its one caller among the models (``from models import cpu``). Each function
 exported here equals the JAX or Flax operation it names, on every backend, to the tolerance its
-docstring states; on the CPU it may run another formulation, elsewhere XLA's own.
+docstring states; on the CPU it may run another formulation, elsewhere XLA's own. Inside
+``with xla_lowering_only():`` every one traces to XLA's own lowering (for ``cost_analysis``,
+which counts no flops in a native call).
 
 - ``dispatch.py``: the functions exported here, and ``conv_kernel``, the one place that
   chooses a convolution's formulation;
@@ -17,7 +19,8 @@ from models.cpu.dispatch import (ACTIVATIONS, add_to_each_image, batch_norm, bia
                                  conv_general_dilated, dot_general, gelu, hard_sigmoid,
                                  hard_swish, layer_norm, materialize, max_pool, residual_relu,
                                  self_attention)
+from models.cpu.native import disabled as xla_lowering_only
 
 __all__ = ["ACTIVATIONS", "add_to_each_image", "batch_norm", "bias_gelu", "conv_general_dilated",
            "dot_general", "gelu", "hard_sigmoid", "hard_swish", "layer_norm", "materialize",
-           "max_pool", "residual_relu", "self_attention"]
+           "max_pool", "residual_relu", "self_attention", "xla_lowering_only"]

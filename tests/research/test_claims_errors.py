@@ -48,20 +48,12 @@ def test_checkpoint_of_another_architecture(make_config, tmp_path):
         CheckpointError, "does not fit the model")
 
 
-# research.train creates the workdir and its checkpoint manager (``checkpoints/``) before it
-# builds and checks the prefix cache: strict, so that the fix turns these into failures to unmark.
-WRITES_BEFORE_THE_CACHE_CHECK = pytest.mark.xfail(
-    strict=True, reason="research.train writes <workdir>/checkpoints before the cache check")
-
-
-@WRITES_BEFORE_THE_CACHE_CHECK
 def test_cached_prefix_refusal(make_config, tmp_path):
     checkpoint = small_vit_checkpoint(tmp_path / "vit")
     assert_stops_before_writing(make_config, tmp_path / "run", cached_vit_run(checkpoint, 0.3),
                                 ConfigError, "random in training")
 
 
-@WRITES_BEFORE_THE_CACHE_CHECK
 def test_cached_prefix_without_a_frozen_prefix(make_config, tmp_path):
     assert_stops_before_writing(make_config, tmp_path / "run",
                                 f"{DIGITS},freeze.cache_prefix=True", ConfigError, "freeze.depth")

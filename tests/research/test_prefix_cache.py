@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from models.cpu import native
+from models import cpu
 from research import prefix_cache, sharding, train
 from research.errors import ConfigError
 
@@ -45,7 +45,7 @@ def test_cached_step_computes_none_of_the_frozen_prefix(make_config):
     prefix = prefix_cache.prefix_function(exp.model, exp.plan, exp.preprocess_spec, exp.dtype)
 
     def flops_and_convolutions(jitted, *args):  # XLA's convolutions: oneDNN's count no flops
-        with native.disabled():
+        with cpu.xla_lowering_only():
             compiled = jitted.lower(*args).compile()
         return compiled.cost_analysis()["flops"], compiled.as_text().count(" convolution(")
     features = jax.eval_shape(prefix, exp.state.variables(), images)
