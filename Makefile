@@ -43,7 +43,7 @@ onednn: setup
 	@if [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get install -y -qq libdnnl-dev || (apt-get update -qq && apt-get install -y -qq libdnnl-dev)) >/dev/null; \
 	fi
-	@$(PY) -c "from models.cpu import native; print(native.build())" || { \
+	@$(PY) -c "from models.cpu import native; print(native.build_library())" || { \
 	  echo "oneDNN is not available: 'sudo apt-get install libdnnl-dev' for faster CPU convolutions."; \
 	  [ -z "$(CI)" ]; }
 

@@ -18,12 +18,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -32,7 +29,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models.cpu import switches
+from models.cpu import build, switches
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("onednn.cc", "attention.cc", "depthwise_conv.cc",
@@ -119,19 +116,14 @@ def mkl_runtime() -> Path | None:
 def library_path() -> Path:
     """Where the built library is cached: one file per version of ``csrc``, of jaxlib, of MKL's
     presence and of the compiler's flags."""
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.glob("*.[ch]*")))
-                            + jax.__version__.encode() + str(mkl_runtime()).encode()
-                            + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transferlab"
-    return cache / f"onednn-{digest}.so"
+    return build.cached_library(
+        "onednn", *(f.read_bytes() for f in sorted(CSRC.glob("*.[ch]*"))),
+        jax.__version__.encode(), str(mkl_runtime()).encode(), " ".join(COMPILER_FLAGS).encode())
 
 
-def build() -> Path:
+def build_library() -> Path:
     """Compile ``csrc/*.cc`` into one library (once: the result is cached by content), with
     ``sgemm.cc`` linked to MKL where ``mkl_runtime`` finds it."""
-    path = library_path()
-    if path.exists():
-        return path
     if not HEADER.exists():
         raise OSError(f"oneDNN's headers are missing ({HEADER}): install Debian's libdnnl-dev "
                       "(`apt-get install libdnnl-dev`) or run `make setup` as root.")
@@ -139,18 +131,9 @@ def build() -> Path:
     if mkl:
         sources += (MKL_SOURCE,)
         libraries += [f"-L{mkl.parent}", f"-l:{mkl.name}", f"-Wl,-rpath,{mkl.parent}"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        built = Path(tmp) / path.name
-        done = subprocess.run(
-            ["g++", *COMPILER_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o",
-             str(built), *libraries],
-            capture_output=True, text=True)
-        if done.returncode:
-            raise OSError(f"building {', '.join(s.name for s in sources)} failed:\n"
-                          f"{done.stderr[-2000:]}")
-        os.replace(built, path)  # atomic: concurrent processes each build, one file stays
-    return path
+    command = ["g++", *COMPILER_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sources)]
+    return build.compile_once(library_path(), command, libraries,
+                              ", ".join(s.name for s in sources))
 
 
 @contextlib.contextmanager
@@ -169,7 +152,7 @@ def _openmp_defaults():
 @functools.cache
 def _library():
     try:
-        path = build()
+        path = build_library()
         with _openmp_defaults():
             library = ctypes.CDLL(str(path))
     except OSError as e:

@@ -14,14 +14,11 @@ the environment ``tuned_environment(dict(os.environ))`` returns.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from models.cpu import switches
+from models.cpu import build, switches
 
 # XLA:CPU's YNNPACK fusion of individual convolutions is slower than its default convolution
 # path for the networks here. The flag names XLA:CPU, so other backends ignore it.
@@ -106,28 +103,10 @@ def buffer_cache_preloaded(env: dict[str, str]) -> bool:
 def build_buffer_cache() -> Path:
     """The buffer cache's shared library, compiled with gcc on first use and cached by content
     in ``~/.cache/transferlab``."""
-    path = _buffer_cache_path()
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        built = Path(tmp) / path.name
-        try:
-            done = subprocess.run(["gcc", *BUFFER_CACHE_FLAGS, str(BUFFER_CACHE_SOURCE),
-                                   "-o", str(built), "-ldl"], capture_output=True, text=True)
-        except FileNotFoundError:
-            raise OSError("gcc is missing: `apt-get install gcc` builds the buffer cache") from None
-        if done.returncode:
-            raise OSError(f"building {BUFFER_CACHE_SOURCE.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(built, path)  # atomic: concurrent processes each build, one file stays
-    return path
-
-
-def _buffer_cache_path() -> Path:
-    digest = hashlib.sha256(BUFFER_CACHE_SOURCE.read_bytes()
-                            + " ".join(BUFFER_CACHE_FLAGS).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transferlab"
-    return cache / f"buffer_cache-{digest.hexdigest()[:16]}.so"
+    path = build.cached_library("buffer_cache", BUFFER_CACHE_SOURCE.read_bytes(),
+                                " ".join(BUFFER_CACHE_FLAGS).encode())
+    return build.compile_once(path, ["gcc", *BUFFER_CACHE_FLAGS, str(BUFFER_CACHE_SOURCE)],
+                              ["-ldl"], "the buffer cache")
 
 
 def _preloads(env: dict[str, str]) -> list[str]:

@@ -30,7 +30,7 @@ def test_missing_onednn_headers_are_named_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native, "HEADER", tmp_path / "absent" / "dnnl.hpp")
     with pytest.raises(OSError, match="libdnnl-dev"):
-        native.build()
+        native.build_library()
     assert not list(tmp_path.rglob("*.so"))
 
 
@@ -59,7 +59,7 @@ def test_openmp_loads_passive_unless_the_environment_says_otherwise(monkeypatch)
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the clones are x86-64's")
 def test_native_loops_have_clones_with_fma_for_avx2_and_avx512_cpus():
     """GCC's "avx2" and "avx512f" targets leave out FMA; x86-64-v3 and v4 include it."""
-    library = native.build().read_bytes()
+    library = native.build_library().read_bytes()
     for loop in (b"SumChunk", b"SoftmaxRows", b"NormalizeRows", b"OutputTile"):
         for level in (b"arch_x86_64_v3", b"arch_x86_64_v4", b"default"):
             assert re.search(loop + rb"\w*\." + level + b"\0", library), (loop, level)
