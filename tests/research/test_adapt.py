@@ -73,3 +73,21 @@ def test_vit_fine_tunes_at_another_resolution_with_one_channel(make_config, tmp_
     assert params["embed/pos_embedding"].shape == (1, 5, 192)
     assert params["embed/patch/kernel"].shape == (16, 16, 1, 192)
     assert np.isfinite(result["train_loss"])
+
+
+@pytest.mark.parametrize("zero_head", [True, False])
+def test_zero_head_zeroes_the_fresh_head_and_keeps_the_loaded_blocks(make_config, tmp_path,
+                                                                     zero_head):
+    """A ResNet's fresh head is random, so that a zero head shows ``init.zero_head`` at work."""
+    model = models.create("resnet_small", num_classes=10, in_chans=1)
+    variables = models.init_variables(model, __import__("jax").random.key(7), 28)
+    meta = dict(model=pretrained.model_meta("resnet_small", model, {}),
+                preprocess={"mean": [127.5], "std": [127.5], "input_size": 28})
+    convert.write(tmp_path / "source", variables, meta)
+    cfg = make_config("fashion_mnist.py", f"init.checkpoint='{tmp_path / 'source'}',"
+                      f"model.name='',data.classes=(0,1,2),init.zero_head={zero_head}")
+    start = tree.flatten(train.build(cfg).state.params)
+    assert (np.all(start["head/kernel"] == 0) and np.all(start["head/bias"] == 0)) == zero_head
+    assert start["head/kernel"].shape == (64, 3)
+    np.testing.assert_array_equal(start["stage2/block0/conv1/kernel"],
+                                  tree.flatten(variables["params"])["stage2/block0/conv1/kernel"])

@@ -104,12 +104,19 @@ def test_eight_device_mesh_shards_the_batch(make_config):
     assert len(images.sharding.device_set) == 8 and images.addressable_shards[0].data.shape[0] == 5
 
 
-@pytest.mark.parametrize("model", [
-    "model.name='lenet5',model.options={'dropout':0.5}",
+@pytest.mark.parametrize("model, without", [
+    ("model.name='lenet5',model.options={'dropout':0.5}", "model.options={'dropout':0.0}"),
     pytest.param("model.name='googlenet',model.options={'aux_logits':True},data.image_size=32",
-                 marks=pytest.mark.slow)])
-def test_dropout_and_auxiliary_heads_train_on_the_mesh(make_config, tmp_path, model):
-    cfg = make_config("fashion_mnist.py", f"data.name='digits',{model},train.batch_size=32,"
-                      "train.epochs=0.1,data.mean=(32.0,),data.std=(48.0,)")
-    result = train.train_and_evaluate(cfg, tmp_path)
-    assert np.isfinite(result["train_loss"]) and result["step"] == 4
+                 "train.aux_loss_weight=0.0", marks=pytest.mark.slow)])
+def test_dropout_and_auxiliary_heads_train_on_the_mesh(make_config, tmp_path, model, without):
+    """Dropout (or the auxiliary heads' loss) is at work: the same run without it ends with
+    other parameters."""
+    def run(extra, workdir):
+        cfg = make_config("fashion_mnist.py", f"data.name='digits',{model},train.batch_size=32,"
+                          f"train.epochs=0.1,data.mean=(32.0,),data.std=(48.0,){extra}")
+        return train.train_and_evaluate(cfg, tmp_path / workdir)
+    result, plain = run("", "with"), run(f",{without}", "without")
+    assert np.isfinite(result["train_loss"]) and result["step"] == plain["step"] == 4
+    differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                               result["state"].params, plain["state"].params)
+    assert max(jax.tree.leaves(differences)) > 1e-4

@@ -33,11 +33,16 @@ def test_convert_writes_a_loadable_checkpoint_with_preprocessing(tmp_path):
 
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     torch = reference.torch_or_skip()
-    torch.save({"fc.weight": torch.zeros(2, 2), "hook": Exploit()}, tmp_path / "evil.pth")
+    ran = tmp_path / "the payload ran"
+    torch.save({"fc.weight": torch.zeros(2, 2), "hook": Exploit(ran)}, tmp_path / "evil.pth")
+    torch.load(tmp_path / "evil.pth", weights_only=False)  # an unsafe load runs the payload
+    assert ran.read_text() == PAYLOAD
+    ran.unlink()
     done = convert("--source", "torchvision", "--arch", "resnet18", "--input",
                    tmp_path / "evil.pth", "--output", tmp_path / "out")
     assert done.returncode == 2
     assert "refused" in done.stderr and "could run code" in done.stderr
+    assert not ran.exists() and PAYLOAD not in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -63,9 +68,17 @@ def test_truncated_safetensors_names_the_file(tmp_path):
     assert done.returncode == 2 and "w.safetensors" in done.stderr and "truncated" in done.stderr
 
 
+PAYLOAD = "this would run on load"
+
+
 class Exploit:
+    """Unpickled, writes ``PAYLOAD`` to the file ``path`` (and returns its length)."""
+
+    def __init__(self, path):
+        self.path = path
+
     def __reduce__(self):
-        return (print, ("this would run on load",))
+        return (Path(self.path).write_text, (PAYLOAD,))
 
 
 def test_preprocessing_follows_torchvisions_eval_transforms():
