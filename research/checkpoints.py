@@ -38,15 +38,12 @@ def save(mngr: ocp.CheckpointManager, step: int, variables, meta: dict, train_st
 
 
 def latest_step(orbax_dir: str | Path) -> int | None:
-    """The latest saved step in ``orbax_dir``, or None where it holds none or does not exist;
-    creates nothing."""
+    """The latest finalized step in ``orbax_dir``, or None where it holds none or does not
+    exist. Creates nothing and, unlike a manager, syncs no processes: on several hosts each
+    may call it while another is creating the directory."""
     if not Path(orbax_dir).is_dir():
         return None
-    mngr = manager(orbax_dir, create=False, max_to_keep=None)
-    try:
-        return mngr.latest_step()
-    finally:
-        mngr.close()
+    return max(ocp.utils.checkpoint_steps(orbax_dir), default=None)
 
 
 def open_existing(directory: str | Path) -> tuple[ocp.CheckpointManager, int]:
