@@ -106,3 +106,19 @@ def test_the_resolver_sees_function_local_and_submodule_imports():
     assert "research.train" in GRAPH["research.ablate"]
     assert {"research.data", "research.sharding"} <= GRAPH["research.prefix_cache"]
     assert "research.train" not in GRAPH["research.prefix_cache"]
+
+
+ARCHITECTURES = sorted(n for n in KNOWN if n.startswith("models.") and not n.startswith(
+    "models.cpu") and n not in ("models.layers", "models.registry"))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_architectures_reach_the_cpu_layer_only_through_layers(name):
+    kernels = sorted(m for m in GRAPH[name] if m == "models.cpu" or m.startswith("models.cpu."))
+    assert not kernels, f"{name} imports {kernels}: use the modules of models/layers.py"
+    assert "models.layers" in GRAPH[name]
+
+
+def test_layers_is_the_seam():
+    assert "models.cpu" in GRAPH["models.layers"]
+    assert not {m for m in GRAPH["models.layers"] if m.startswith("models.cpu.")}
