@@ -1,16 +1,12 @@
 """Two processes on loopback (four CPU devices each): an interrupted two-process run resumes to
 the uninterrupted run's final state, bit for bit, and only process 0 writes the metrics."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from research import data
-from tests.research.test_multiprocess import free_port
+from tests.research.test_multiprocess import records, run_in_two_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = ("data.name='digits',data.mean=(32.0,),data.std=(48.0,),train.batch_size=64,"
@@ -33,23 +29,10 @@ if jax.process_index() == 0:
 
 def train_in_two_processes(config: str, workdir: Path, *stop_after) -> dict:
     """The final variables (flat) of a two-process run in ``workdir``."""
-    port = free_port()
     final = workdir.parent / f"{workdir.name}.npz"
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", TRAIN, config, str(workdir), final, *map(str, stop_after)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-             "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    run_in_two_processes(["-c", TRAIN, config, workdir, final, *stop_after], timeout=300)
     with np.load(final) as arrays:
         return dict(arrays)
-
-
-def steps_recorded(workdir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_process_run_resumes_bit_identical_and_process_0_alone_writes(make_config, tfds_dir,
@@ -64,4 +47,4 @@ def test_two_process_run_resumes_bit_identical_and_process_0_alone_writes(make_c
     for path, value in whole.items():
         np.testing.assert_array_equal(resumed[path], value, err_msg=path)
     # One line per evaluation: a second writer would repeat each.
-    assert steps_recorded(tmp_path / "whole") == [3, 6, 9, 11]
+    assert [r["step"] for r in records(tmp_path / "whole")] == [3, 6, 9, 11]

@@ -26,19 +26,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(make_config, tfds_dir, tmp_path):
-    single = train.train_and_evaluate(make_config("fashion_mnist.py", OVERRIDES), tmp_path / "one")
+def run_in_two_processes(args: list, timeout: int) -> None:
+    """``python *args`` as the two processes of one run on loopback (4 CPU devices each);
+    both must exit 0."""
     port = free_port()
-    config = f"{ROOT}/configs/fashion_mnist.py:{OVERRIDES},data.tfds_dir={tfds_dir}"
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "scripts.train", "--config", config, "--workdir", tmp_path / "two"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
              "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
              "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(make_config, tfds_dir, tmp_path):
+    single = train.train_and_evaluate(make_config("fashion_mnist.py", OVERRIDES), tmp_path / "one")
+    config = f"{ROOT}/configs/fashion_mnist.py:{OVERRIDES},data.tfds_dir={tfds_dir}"
+    run_in_two_processes(["-m", "scripts.train", "--config", config, "--workdir",
+                          tmp_path / "two"], timeout=600)
     assert (tmp_path / "two" / "checkpoints" / "11").is_dir()
     # Each process read its own half of every batch: the one-process run's train and test
     # loss, up to the order of the sums.

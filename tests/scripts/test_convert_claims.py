@@ -11,13 +11,9 @@ import numpy as np
 from research import convert, preprocess, pretrained, tree
 from tests import reference
 from tests.research.test_keras import keras_or_skip
+from tests.scripts.test_convert_cli import convert as run_convert
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "scripts.convert", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True)
 
 
 def resnet18_safetensors(path):
