@@ -20,8 +20,16 @@ test test-all: export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test test-all setup data onednn
 
+# The demo pretrains, publishes the pretrained network, verifies the published directory and
+# transfers from it (research/publish.py; README: "Publishing a checkpoint").
+QUICKSTART := runs/quickstart
 demo: setup data onednn
-	$(PY) -m scripts.ablate --config configs/quickstart.py --workdir runs/quickstart
+	$(PY) -m scripts.train --config configs/quickstart_pretrain.py --workdir $(QUICKSTART)/pretrain
+	rm -rf $(QUICKSTART)/published
+	$(PY) -m scripts.publish --workdir $(QUICKSTART)/pretrain --output $(QUICKSTART)/published
+	$(PY) -m scripts.verify $(QUICKSTART)/published
+	$(PY) -m scripts.ablate --workdir $(QUICKSTART) \
+	  --config configs/quickstart.py:pretrain.init.checkpoint=$(QUICKSTART)/published
 
 test: setup data onednn
 	$(PY) -m pytest -q --durations=15 $(WORKERS) $(PYTEST_ARGS)
