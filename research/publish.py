@@ -42,12 +42,14 @@ import yaml
 
 from models.cpu import switches
 from research import checkpoints, convert, data, train, tree
-from research.errors import CheckpointError
+from research.errors import CheckpointError, DataError
 
 SAFETENSORS, CONFIG_JSON, CARD, PROVENANCE = ("model.safetensors", "config.json", "README.md",
                                               "provenance.json")
 TRAIN_CONFIG, SHA256SUMS = "train_config.py", "SHA256SUMS"
 REQUIRED = (SAFETENSORS, CONFIG_JSON, CARD, PROVENANCE, TRAIN_CONFIG)
+RECORDED = ("config", "source_checkpoint", "dataset", "metrics", "variables_sha256", "environment",
+            "reproduce")
 # Across environments (see SAME_ENVIRONMENT) float sums run in other orders: the re-evaluated
 # test accuracy may differ from the recorded one by this much, the loss by this fraction.
 ACCURACY_TOLERANCE = 1e-3
@@ -94,9 +96,8 @@ def publish(workdir: str | Path, output: str | Path) -> dict:
     class_names = meta.get("class_names") or _class_names(exp.train_split, cfg.data)
     convert.write(output, variables, dict(meta, class_names=class_names))
     flat = {path: np.asarray(value) for path, value in tree.flatten(variables).items()}
-    safetensors.numpy.save_file(flat, output / SAFETENSORS,
-                                metadata={"library": "transferlab",
-                                          "architecture": meta["model"]["name"]})
+    (output / SAFETENSORS).write_bytes(safetensors.numpy.save(
+        flat, metadata={"library": "transferlab", "architecture": meta["model"]["name"]}))
     provenance = _provenance(cfg, meta, exp, variables, metrics, step)
     _write_json(output / CONFIG_JSON, pretrained_cfg(meta, exp, class_names))
     _write_json(output / PROVENANCE, provenance)
@@ -345,6 +346,11 @@ def verify(directory: str | Path, retrain: bool = False) -> Report:
     except (OSError, ValueError) as e:
         report.problems.append(f"{PROVENANCE} cannot be read ({e}); nothing else can be checked.")
         return report
+    missing = [key for key in RECORDED if key not in provenance]
+    if missing:
+        report.problems.append(f"{PROVENANCE} lacks {', '.join(missing)}; nothing else can be "
+                               "checked.")
+        return report
     report.check((directory / TRAIN_CONFIG).is_file() and (directory / TRAIN_CONFIG).read_text()
                  == train_config_source(provenance["config"]),
                  f"{TRAIN_CONFIG} holds the recorded config",
@@ -401,9 +407,13 @@ def _check_evaluation(directory: Path, provenance: dict, report: Report) -> None
     cfg.init.checkpoint, cfg.init.dont_load, cfg.init.zero_head = str(directory), (), False
     try:
         exp = train.build(cfg)
+    except DataError as e:
+        report.problems.append(f"the recorded data cannot be read: {e}")
+        return
     except Exception as e:  # noqa: BLE001  orbax raises a bare Exception on a damaged array file
+        first_line = (str(e).splitlines() or [""])[0]
         report.problems.append(f"the model cannot be rebuilt from {directory} "
-                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                               f"({type(e).__name__}: {first_line})")
         return
     digest = tree.sha256(exp.state.variables())
     report.check(digest == provenance["variables_sha256"],
@@ -454,6 +464,10 @@ def _check_retrain(directory: Path, provenance: dict, report: Report) -> None:
         workdir = Path(tmp) / "run"
         argv = shlex.split(provenance["reproduce"]["command"].format(
             published=shlex.quote(str(directory.resolve())), workdir=shlex.quote(str(workdir))))
+        if argv[:3] != ["python", "-m", "scripts.train"]:
+            report.problems.append(f"--retrain: the recorded command {' '.join(argv)!r} is not "
+                                   "a scripts.train command; nothing was run.")
+            return
         run = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True)
         if run.returncode:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
