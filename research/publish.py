@@ -28,6 +28,7 @@ import json
 import platform
 import pprint
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,9 @@ def publish(workdir: str | Path, output: str | Path) -> dict:
     provenance. Refuses, before writing anything, an unfinished run, a run without its final
     metrics and an ``output`` that holds files."""
     workdir, output = Path(workdir), Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CheckpointError(f"{output} already exists and is not an empty directory; choose "
+                              "another --output or delete it first.")
     variables, meta, _ = checkpoints.restore(workdir)
     variables = jax.device_get(variables)  # host arrays: a checkpoint any device count restores
     step = checkpoints.latest_step(checkpoints.checkpoint_dir(workdir))
@@ -90,21 +94,27 @@ def publish(workdir: str | Path, output: str | Path) -> dict:
                               f"{exp.total_steps}. Finish it (rerun scripts.train with the same "
                               "--workdir) before publishing.")
     metrics = _final_metrics(workdir / "metrics.jsonl", step)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CheckpointError(f"{output} already exists and is not an empty directory; choose "
-                              "another --output or delete it first.")
     class_names = meta.get("class_names") or _class_names(exp.train_split, cfg.data)
-    convert.write(output, variables, dict(meta, class_names=class_names))
-    flat = {path: np.asarray(value) for path, value in tree.flatten(variables).items()}
-    (output / SAFETENSORS).write_bytes(safetensors.numpy.save(
-        flat, metadata={"library": "transferlab", "architecture": meta["model"]["name"]}))
     provenance = _provenance(cfg, meta, exp, variables, metrics, step)
-    _write_json(output / CONFIG_JSON, pretrained_cfg(meta, exp, class_names))
-    _write_json(output / PROVENANCE, provenance)
-    (output / TRAIN_CONFIG).write_text(train_config_source(provenance["config"]))
-    (output / CARD).write_text(model_card(output, provenance, class_names))
-    (output / SHA256SUMS).write_text("".join(f"{digest}  {path}\n"
-                                             for path, digest in file_hashes(output).items()))
+    # Written beside ``output`` and renamed into place: a failed write leaves no partial output.
+    staging = output.with_name(f".{output.name}.publishing")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        convert.write(staging, variables, dict(meta, class_names=class_names))
+        flat = {path: np.asarray(value) for path, value in tree.flatten(variables).items()}
+        (staging / SAFETENSORS).write_bytes(safetensors.numpy.save(
+            flat, metadata={"library": "transferlab", "architecture": meta["model"]["name"]}))
+        _write_json(staging / CONFIG_JSON, pretrained_cfg(meta, exp, class_names))
+        _write_json(staging / PROVENANCE, provenance)
+        (staging / TRAIN_CONFIG).write_text(train_config_source(provenance["config"]))
+        (staging / CARD).write_text(model_card(output, provenance, class_names))
+        (staging / SHA256SUMS).write_text("".join(
+            f"{digest}  {path}\n" for path, digest in file_hashes(staging).items()))
+        if output.exists():
+            output.rmdir()
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return provenance
 
 

@@ -233,3 +233,23 @@ def test_an_ablation_transfers_from_a_published_directory(published, tfds_dir, t
     _, meta, _ = checkpoints.restore(tmp_path / "runs" / "finetune_depth1_seed0")
     assert meta["config"]["init"]["checkpoint"] == str(output)
     assert row["freeze_depth"] == 1
+
+
+def test_publish_cli_refuses_a_used_output_in_one_line(run, published):
+    workdir, _, _ = run
+    out = subprocess.run([sys.executable, "-m", "scripts.publish", "--workdir", str(workdir),
+                          "--output", str(published[0])], cwd=ROOT, capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [f"error: {published[0]} already exists and is not an empty "
+                                       "directory; choose another --output or delete it first."]
+
+
+def test_a_failed_publish_leaves_no_output(run, tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(publish, "model_card", full_disk)
+    (tmp_path / "out").mkdir()  # an empty output directory is taken
+    with pytest.raises(OSError, match="No space left"):
+        publish.publish(run[0], tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert not any((tmp_path / "out").iterdir())
