@@ -164,12 +164,33 @@ def test_verify_names_a_missing_file(copy):
     assert any(f"{publish.SAFETENSORS} cannot be read" in p for p in problems)
 
 
+def edit_provenance(directory, edit):
+    """Change provenance.json and SHA256SUMS with it, as a consistent forgery would."""
+    provenance = json.loads((directory / publish.PROVENANCE).read_text())
+    edit(provenance)
+    (directory / publish.PROVENANCE).write_text(json.dumps(provenance))
+    (directory / publish.SHA256SUMS).write_text("".join(
+        f"{digest}  {path}\n" for path, digest in publish.file_hashes(directory).items()))
+
+
 def test_verify_names_a_changed_metric(copy):
-    provenance = json.loads((copy / publish.PROVENANCE).read_text())
-    provenance["metrics"]["test_accuracy"] += 0.01
-    (copy / publish.PROVENANCE).write_text(json.dumps(provenance))
-    (copy / publish.SHA256SUMS).write_text("".join(
-        f"{digest}  {path}\n" for path, digest in publish.file_hashes(copy).items()))
+    edit_provenance(copy, lambda p: p["metrics"].update(
+        test_accuracy=p["metrics"]["test_accuracy"] + publish.ACCURACY_TOLERANCE / 2))
+    [problem] = publish.verify(copy).problems
+    assert problem.startswith("test_accuracy is ") and "exactly" in problem
+
+
+def test_verify_allows_the_stated_tolerance_in_another_environment(copy):
+    def elsewhere(provenance):
+        provenance["environment"]["device_count"] = 4
+        provenance["metrics"]["test_accuracy"] += publish.ACCURACY_TOLERANCE / 2
+    edit_provenance(copy, elsewhere)
+    report = publish.verify(copy)
+    assert report.problems == []
+    assert any(line.startswith("test_accuracy") and "within 0.001 (another device_count" in line
+               for line in report.held)
+    edit_provenance(copy, lambda p: p["metrics"].update(
+        test_accuracy=p["metrics"]["test_accuracy"] + publish.ACCURACY_TOLERANCE))
     [problem] = publish.verify(copy).problems
     assert problem.startswith("test_accuracy is ")
 
