@@ -154,7 +154,9 @@ def test_verify_names_a_damaged_array_file(copy):
     array_file.write_bytes(bytes(raw))
     problems = publish.verify(copy).problems
     assert f"{array_file.relative_to(copy).as_posix()} is damaged" in problems[0]
-    assert any("checkpoint" in p for p in problems[1:]), problems
+    # Orbax loads the flipped bytes as other weights, or fails: either way verify names it.
+    assert any(p.startswith(("the checkpoint's variables have sha256",
+                             "the model cannot be rebuilt")) for p in problems[1:]), problems
 
 
 def test_verify_names_a_missing_file(copy):
