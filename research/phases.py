@@ -83,6 +83,9 @@ def optimizer(cfg, model, plan: freeze.FreezePlan, params, steps_per_epoch: int,
               total_steps: int) -> optax.GradientTransformation:
     """The run's optimizer: a phased run's last phase's (whose state every phase shares),
     else ``optim.make_optimizer``'s."""
+    if cfg.freeze.get("probe_lr") and not cfg.freeze.get("probe_epochs"):
+        raise ConfigError(f"freeze.probe_lr={cfg.freeze.probe_lr} needs freeze.probe_epochs (the "
+                          "linear probe's length) > 0: set it, or leave freeze.probe_lr at 0.")
     if not enabled(cfg):
         return optim.make_optimizer(cfg.optim, plan, params, total_steps)
     return build(cfg, model, params, steps_per_epoch, total_steps).optimizers[-1]

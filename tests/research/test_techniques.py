@@ -40,8 +40,11 @@ def rounding(make_config) -> dict:
 
 @pytest.fixture(scope="module")
 def plain_updates(tfds_dir):
-    from tests.conftest import make_config
-    return first_step_updates(make_config.__wrapped__(tfds_dir), "optim.lr_mults=()")
+    """The first step's updates without multipliers."""
+    from research import config
+    make = lambda name, overrides: config.load(
+        f"configs/{name}:data.tfds_dir={tfds_dir},train.progress=False,{overrides}")
+    return first_step_updates(make, "optim.lr_mults=()")
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -70,7 +73,8 @@ def test_each_parameter_moves_by_its_multiplier(make_config, plain_updates, over
     ("freeze.bn_policy='running'", "freeze.bn_policy='running' is unknown"),
     ("freeze.unfreeze_every_epochs=1.0,freeze.cache_prefix=True,freeze.depth=1",
      "freeze.cache_prefix cannot train in phases"),
-    ("freeze.probe_epochs=0.01", "under one step")])
+    ("freeze.probe_epochs=0.01", "under one step"),
+    ("freeze.probe_lr=0.01", "freeze.probe_lr=0.01 needs freeze.probe_epochs")])
 def test_bad_technique_fields_stop_before_writing(make_config, tmp_path, field, match):
     cfg = make_config("fashion_mnist.py", f"{LENET},{field}")
     with pytest.raises(ConfigError, match=match):
