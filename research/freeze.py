@@ -115,8 +115,8 @@ def _paths_matching(paths: Sequence[str], pattern: str) -> list[str]:
 @contextlib.contextmanager
 def frozen_behaviour(plan: FreezePlan, prefix_output=None):
     """While tracing the model: frozen BatchNorm (all BatchNorm with ``bn_policy="frozen"``)
-    uses running statistics (and leaves them unchanged), and the output of the frozen prefix carries no gradient. Given
-    ``prefix_output`` (its cached value), the frozen prefix is not computed: its last block
+    uses running statistics (and leaves them unchanged), and the output of the frozen prefix
+    carries no gradient. Given ``prefix_output`` (its cached value), the frozen prefix is not computed: its last block
     returns that, and XLA drops the blocks before it, whose outputs nothing reads then."""
     frozen_modules = plan.frozen_modules
     every_batch_norm = plan.bn_policy == "frozen"
@@ -127,8 +127,9 @@ def frozen_behaviour(plan: FreezePlan, prefix_output=None):
         if context.method_name != "__call__" or module.is_initializing():
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
+        running = every_batch_norm or path in frozen_modules
         # path is empty inside the running-statistics layer's own apply
-        if isinstance(module, nn.BatchNorm) and path and (every_batch_norm or path in frozen_modules):
+        if isinstance(module, nn.BatchNorm) and path and running:
             return _batch_norm_with_running_statistics(module, args[0])
         if path != last_of_prefix:
             return next_fun(*args, **kwargs)

@@ -13,8 +13,10 @@ any phase from the start (checkpoints hold one structure), partitioned by the ph
 starts training in: a partition's state (momentum, Adam's moments and step count) stays as
 initialised until its phase and is then carried on through the later phases, as PyTorch's
 per-parameter state is when ``requires_grad`` turns on. The learning-rate schedule is the
-run's, by step, for every partition. LP-FT's fine-tuning starts as the paper's separate run:
-fresh optimizer state and its own schedule over the remaining steps. Each phase's train step is
+run's, by step, for every partition; global-norm clipping precedes the partitions and sees a
+phase's frozen gradients as zeros (constants: no backward pass computes them). LP-FT's
+fine-tuning starts as the paper's separate run: fresh optimizer state and its own schedule over
+the remaining steps. Each phase's train step is
 ``research.train``'s with that phase's freeze plan (its frozen prefix has no backward pass),
 compiled once per distinct frozen set. A cached prefix (``freeze.cache_prefix``) is refused: the
 prefix changes between phases.
