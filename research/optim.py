@@ -11,7 +11,7 @@ parameter groups, which timm's layer decay sets, and big_vision's ``lr_mults``.
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import optax
@@ -134,7 +134,7 @@ def scale_by_path(mults: Mapping[str, float]) -> optax.GradientTransformation:
     return optax.stateless(scale)
 
 
-def holding(tx: optax.GradientTransformation, labels: frozenset) -> Callable:
+def holding(tx: optax.GradientTransformation, labels: frozenset) -> optax.GradientTransformation:
     """``tx``, an ``optax.partition``, with the state of the partitions ``labels`` left as it is
     (their parameters are frozen for now and will train later from that state)."""
     def update(updates, state, params=None):
