@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.freeze.depth = 0  # freeze the first n of model.blocks
     c.freeze.regex = ()  # and every parameter whose path matches one of these in full
     c.freeze.cache_prefix = False  # compute the frozen prefix once per example, train on it
+    c.freeze.bn_policy = "batch"  # trainable BatchNorm: batch statistics, or "frozen" (running)
+    c.freeze.unfreeze_every_epochs = 0.0  # head only, then a block more every k epochs; 0: off
+    c.freeze.probe_epochs = 0.0  # LP-FT: a linear probe first for this long, then fine-tune; 0: off
+    c.freeze.probe_lr = 0.0  # the probe's peak learning rate; 0: optim.lr
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # sgd or adamw
@@ -50,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 0.0  # global-norm clipping of the trainable gradients; 0: none
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 0
+    c.optim.lr_mults = ()  # ((regex, multiplier > 0), …): first full match wins; others 1
+    c.optim.layer_decay = 0.0  # lr × this^(blocks below the head), timm's; 0 or 1: off
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0

@@ -4,6 +4,11 @@ A spec is ``depth`` (the first n of ``model.blocks``) and/or ``regex`` (patterns
 against paths such as ``stage1/block0/conv1/kernel``). Frozen parameters get no gradient, no
 optimizer state and no update; frozen BatchNorm layers normalise with their running statistics
 and leave them unchanged; and the backward pass stops at the end of the frozen prefix.
+
+``bn_policy`` sets what trainable BatchNorm layers normalise with in training: ``"batch"``
+(batch statistics, updating the running ones: the default) or ``"frozen"`` (their running
+statistics, left unchanged, while their scale and bias still train: Keras's transfer-learning
+guide, which calls the base model with ``training=False``).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from research.errors import ConfigError
 
 FROZEN = "frozen"
 TRAINABLE = "trainable"
+BN_POLICIES = ("batch", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
 class FreezePlan:
     labels: Mapping[str, str]  # parameter path → FROZEN or TRAINABLE
     blocks: tuple[str, ...]
+    bn_policy: str = "batch"  # what trainable BatchNorm normalises with: see BN_POLICIES
 
     @property
     def frozen_paths(self) -> list[str]:
@@ -73,7 +80,10 @@ def resolve(spec, model: nn.Module, params) -> FreezePlan:
     frozen = set(_paths_in_blocks(paths, _frozen_blocks(spec.get("depth", 0) or 0, blocks, model)))
     for pattern in spec.get("regex", ()) or ():
         frozen |= set(_paths_matching(paths, pattern))
-    return FreezePlan({p: FROZEN if p in frozen else TRAINABLE for p in paths}, blocks)
+    bn_policy = spec.get("bn_policy", "batch")
+    if bn_policy not in BN_POLICIES:
+        raise ConfigError(f"freeze.bn_policy={bn_policy!r} is unknown; use one of {BN_POLICIES}.")
+    return FreezePlan({p: FROZEN if p in frozen else TRAINABLE for p in paths}, blocks, bn_policy)
 
 
 def _frozen_blocks(depth: int, blocks: Sequence[str], model: nn.Module) -> Sequence[str]:
@@ -104,11 +114,12 @@ def _paths_matching(paths: Sequence[str], pattern: str) -> list[str]:
 
 @contextlib.contextmanager
 def frozen_behaviour(plan: FreezePlan, prefix_output=None):
-    """While tracing the model: frozen BatchNorm uses running statistics (and leaves them
-    unchanged), and the output of the frozen prefix carries no gradient. Given
-    ``prefix_output`` (its cached value), the frozen prefix is not computed: its last block
+    """While tracing the model: frozen BatchNorm (all BatchNorm with ``bn_policy="frozen"``)
+    uses running statistics (and leaves them unchanged), and the output of the frozen prefix
+    carries no gradient. Given ``prefix_output`` (its cached value), the frozen prefix is not computed: its last block
     returns that, and XLA drops the blocks before it, whose outputs nothing reads then."""
     frozen_modules = plan.frozen_modules
+    every_batch_norm = plan.bn_policy == "frozen"
     last_of_prefix = plan.frozen_prefix[-1] if plan.frozen_prefix else None
 
     def interceptor(next_fun, args, kwargs, context):
@@ -116,7 +127,9 @@ def frozen_behaviour(plan: FreezePlan, prefix_output=None):
         if context.method_name != "__call__" or module.is_initializing():
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        if isinstance(module, nn.BatchNorm) and path in frozen_modules:
+        running = every_batch_norm or path in frozen_modules
+        # path is empty inside the running-statistics layer's own apply
+        if isinstance(module, nn.BatchNorm) and path and running:
             return _batch_norm_with_running_statistics(module, args[0])
         if path != last_of_prefix:
             return next_fun(*args, **kwargs)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import models
 from models import cpu
-from research import (checkpoints, data, freeze, optim, prefix_cache, preprocess, pretrained,
+from research import (checkpoints, data, freeze, phases, prefix_cache, preprocess, pretrained,
                       sharding, tree)
 from research.errors import ConfigError
 
@@ -94,7 +94,7 @@ def build(cfg) -> Experiment:
         raise ConfigError(f"train.batch_size={global_batch} exceeds the {len(train_split)} "
                           "training examples: lower it.")
     total_steps = int(cfg.train.epochs * steps_per_epoch)
-    tx = optim.make_optimizer(cfg.optim, plan, variables["params"], total_steps)
+    tx = phases.optimizer(cfg, model, plan, variables["params"], steps_per_epoch, total_steps)
     rng = jax.random.key_data(jax.random.key(cfg.train.seed + 1))
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
                        variables.get("batch_stats", {}), tx.init(variables["params"]), rng)
@@ -255,7 +255,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     cache = _prefix_cache(exp, state) if cfg.freeze.get("cache_prefix") else None
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.manager(workdir / checkpoints.SUBDIR, max_to_keep=cfg.train.keep_checkpoints)
-    train_step, eval_step = make_train_step(exp, cache), make_eval_step(exp)
+    train_step, eval_step = phases.train_steps(exp, make_train_step, cache), make_eval_step(exp)
     end = exp.total_steps if stop_after is None else min(stop_after, exp.total_steps)
     step = int(state.step)
     batches = data.train_batches(cache.split if cache else exp.train_split,
@@ -268,7 +268,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     epoch_metrics, history = _resume_records(exp, workdir / "metrics.jsonl", step), []
     while step < end:
         images, labels = next(batches)
-        state, metrics = train_step(state, *sharding.global_batch(exp.mesh, images, labels))
+        state, metrics = train_step(step, state, *sharding.global_batch(exp.mesh, images, labels))
         step += 1
         epoch_metrics.append(metrics)
         bar.update(1)

@@ -22,6 +22,7 @@ LAYERS = (
     ("research.optim",),
     ("research.sharding",),
     ("research.prefix_cache",),
+    ("research.phases",),
     ("research.train",),
     ("research.ablate", "research.publish"),
     ("scripts.*", "configs.*"),
