@@ -1,10 +1,10 @@
 """Training and evaluation: a jit-compiled step over a device mesh, with orbax checkpoints.
 
-The batch is sharded over the mesh's ``data`` axis and the state replicated
-(``research.sharding``). A run resumes from the latest checkpoint in its workdir; the batch at
-step k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted
-one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
-(``research.prefix_cache``).
+The batch is sharded over the mesh's devices and the state replicated, or sharded over its
+``fsdp`` axis (``research.sharding``). A run resumes from the latest checkpoint in its workdir;
+the batch at step k depends only on the seed and k, so a resumed run ends bit-identical to an
+uninterrupted one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the
+frozen prefix's cached output (``research.prefix_cache``).
 """
 
 from __future__ import annotations
