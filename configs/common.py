@@ -64,12 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 512
     c.train.label_smoothing = 0.0
     c.train.aux_loss_weight = 0.4  # per auxiliary head (GoogLeNet, Inception v3) in train mode
-    c.train.dtype = "float32"  # computation dtype; parameters stay float32
+    c.train.dtype = "float32"  # computation dtype (float32, bfloat16); parameters stay float32
+    c.train.accum_steps = 1  # micro-batches a step's batch is split into, one update
     c.train.eval_every_epochs = 1.0  # 0: evaluate only at the end
     c.train.checkpoint_every_epochs = 1.0  # 0: checkpoint only at the end
     c.train.keep_checkpoints = 2
     c.train.progress = True
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the data axis; -1: all
+    c.mesh.data = -1  # devices on the data axis; -1: all (divided by fsdp)
+    c.mesh.fsdp = 1  # devices sharing each parameter's and optimizer state's shards
     return c

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from research.errors import CheckpointError
@@ -26,8 +28,10 @@ def checkpoint_dir(directory: str | Path) -> Path:
 def manager(orbax_dir: str | Path, *, max_to_keep: int | None = 2,
             create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    handlers = {VARIABLES: ocp.StandardCheckpointHandler(),
+                TRAIN_STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(Path(orbax_dir).resolve(), options=options,
-                                 item_names=(VARIABLES, TRAIN_STATE, META))
+                                 item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, variables, meta: dict, train_state=None) -> None:
@@ -62,13 +66,23 @@ def open_existing(directory: str | Path) -> tuple[ocp.CheckpointManager, int]:
     return mngr, step
 
 
-def restore(directory: str | Path, *, with_train_state_like=None):
-    """``(variables, meta, train_state or None)`` of the latest step under ``directory``."""
+def restore(directory: str | Path, *, with_train_state_like=None, variables_like=None):
+    """``(variables, meta, train_state or None)`` of the latest step under ``directory``.
+
+    Arrays restore onto the shardings of ``variables_like`` and ``with_train_state_like``
+    (trees of ``jax.Array`` or ``jax.ShapeDtypeStruct`` with shardings); without
+    ``variables_like``, as numpy arrays on the host. Either way none of the writer's topology
+    is read, so a checkpoint written on one mesh or by several processes restores on another
+    mesh or in another number of processes.
+    """
     mngr, step = open_existing(directory)
-    items = {VARIABLES: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()}
-    if with_train_state_like is not None:
-        items[TRAIN_STATE] = ocp.args.StandardRestore(with_train_state_like)
     try:
+        if variables_like is None:
+            variables_like = _host_arrays(mngr.item_metadata(step)[VARIABLES])
+        items = {VARIABLES: ocp.args.StandardRestore(_abstract(variables_like)),
+                 META: ocp.args.JsonRestore()}
+        if with_train_state_like is not None:
+            items[TRAIN_STATE] = ocp.args.StandardRestore(_abstract(with_train_state_like))
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"the checkpoint {checkpoint_dir(directory)}/{step} cannot be read "
@@ -77,3 +91,15 @@ def restore(directory: str | Path, *, with_train_state_like=None):
         mngr.close()
     return (restored[VARIABLES], restored[META],
             restored[TRAIN_STATE] if with_train_state_like is not None else None)
+
+
+def _abstract(tree):
+    """Shapes, dtypes and shardings of ``tree``'s arrays; numpy arrays stay as they are."""
+    return jax.tree.map(lambda a: a if isinstance(a, np.ndarray) else
+                        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def _host_arrays(metadata):
+    """Unwritten numpy arrays of the shapes and dtypes an item's metadata lists: orbax restores
+    into numpy arrays for them, wherever the writer's arrays lay."""
+    return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata.tree)

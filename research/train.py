@@ -1,10 +1,10 @@
 """Training and evaluation: a jit-compiled step over a device mesh, with orbax checkpoints.
 
-The batch is sharded over the mesh's ``data`` axis and the state replicated
-(``research.sharding``). A run resumes from the latest checkpoint in its workdir; the batch at
-step k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted
-one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
-(``research.prefix_cache``).
+The batch is sharded over the mesh's devices and the state replicated, or sharded over its
+``fsdp`` axis (``research.sharding``). A run resumes from the latest checkpoint in its workdir;
+the batch at step k depends only on the seed and k, so a resumed run ends bit-identical to an
+uninterrupted one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the
+frozen prefix's cached output (``research.prefix_cache``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from research import (checkpoints, data, freeze, phases, prefix_cache, preproces
                       sharding, tree)
 from research.errors import ConfigError
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Parameters, optimizer state, BatchNorm statistics and the loss stay float32 in either.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -81,11 +82,7 @@ def build(cfg) -> Experiment:
     """Validate ``cfg`` and build the model, data, freeze plan, optimizer and initial state."""
     mesh = sharding.make_mesh(cfg.mesh)
     global_batch = cfg.train.batch_size
-    if global_batch % mesh.size:
-        raise ConfigError(f"train.batch_size={global_batch} must be a multiple of the "
-                          f"{mesh.size} devices of the mesh.")
-    if cfg.train.dtype not in DTYPES:
-        raise ConfigError(f"train.dtype={cfg.train.dtype!r}; use one of {sorted(DTYPES)}.")
+    _check_precision_and_accumulation(cfg.train, mesh)
     train_split, test_split = data.load_splits(cfg.data, seed=cfg.train.seed)
     model, variables, model_meta, spec = _model_and_variables(cfg, train_split)
     plan = freeze.resolve(cfg.freeze, model, variables["params"])
@@ -98,9 +95,23 @@ def build(cfg) -> Experiment:
     rng = jax.random.key_data(jax.random.key(cfg.train.seed + 1))
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
                        variables.get("batch_stats", {}), tx.init(variables["params"]), rng)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    state = jax.device_put(state, sharding.state_shardings(mesh, state))
     return Experiment(cfg, model, model_meta, train_split, test_split, spec, plan, tx, state,
                       steps_per_epoch, total_steps, mesh)
+
+
+def _check_precision_and_accumulation(train_cfg, mesh) -> None:
+    """One line for a ``train.dtype`` we do not compute in, or a ``train.batch_size`` that
+    ``train.accum_steps`` micro-batches over the mesh's devices do not divide."""
+    if train_cfg.dtype == "float16":
+        raise ConfigError("train.dtype='float16' needs loss scaling, which transferlab does not "
+                          "do: use train.dtype='bfloat16' (float32's range, no scaling).")
+    if train_cfg.dtype not in DTYPES:
+        raise ConfigError(f"train.dtype={train_cfg.dtype!r}; use one of {sorted(DTYPES)}.")
+    accum = train_cfg.get("accum_steps", 1)
+    if accum < 1 or train_cfg.batch_size % (accum * mesh.size):
+        raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+                          f"train.accum_steps={accum} × the {mesh.size} devices of the mesh.")
 
 
 def _model_and_variables(cfg, train_split):
@@ -157,7 +168,8 @@ def make_train_step(exp: Experiment, cache: prefix_cache.PrefixCache | None = No
     ``cache``, ``images`` are the frozen prefix's outputs.
 
     Only trainable parameters are differentiated; the optimizer sees zeros (constants, never
-    computed) for frozen ones, and frozen parameters are passed through untouched.
+    computed) for frozen ones, and frozen parameters are passed through untouched. With
+    ``train.accum_steps`` = k > 1 the batch is k micro-batches (``accumulate``).
     """
     model, plan, tx, spec, cfg, dtype = (exp.model, exp.plan, exp.tx, exp.preprocess_spec,
                                          exp.cfg, exp.dtype)
@@ -180,7 +192,8 @@ def make_train_step(exp: Experiment, cache: prefix_cache.PrefixCache | None = No
     def step(state: TrainState, images, labels):
         trainable, frozen = plan.split(state.params)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = accumulate(jax.value_and_grad(loss_fn, has_aux=True),
+                             cfg.train.get("accum_steps", 1))
         (loss, (batch_stats, accuracy)), grads = grad_fn(trainable, frozen, state.batch_stats,
                                                          images, labels, rng)
         zeros = jax.tree.map(jnp.zeros_like, frozen)
@@ -193,9 +206,39 @@ def make_train_step(exp: Experiment, cache: prefix_cache.PrefixCache | None = No
                                   batch_stats=batch_stats, opt_state=opt_state)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    replicated, batch = sharding.replicated(exp.mesh), sharding.rows(exp.mesh)
-    return jax.jit(step, in_shardings=(replicated, batch, batch),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    shards, batch = sharding.state_shardings(exp.mesh, exp.state), sharding.rows(exp.mesh)
+    return jax.jit(step, in_shardings=(shards, batch, batch),
+                   out_shardings=(shards, sharding.replicated(exp.mesh)), donate_argnums=0)
+
+
+def accumulate(grad_fn: Callable, k: int) -> Callable:
+    """``grad_fn`` — ``(trainable, frozen, batch_stats, images, labels, rng) → ((loss,
+    (batch_stats, accuracy)), grads)`` — run on k micro-batches of the batch one after another
+    (``lax.scan``): the micro-batches' mean loss, accuracy and gradient, which for equal
+    micro-batches is the whole batch's (up to float rounding) where examples are independent.
+    BatchNorm normalises each micro-batch by its own statistics and updates its running
+    statistics once per micro-batch, in turn (as k forward passes would). Micro-batch j holds
+    rows j, j + k, j + 2k, …, so each device keeps its own rows. k = 1: ``grad_fn`` itself."""
+    if k == 1:
+        return grad_fn
+
+    def micro_batches(x):
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+    def accumulated(trainable, frozen, batch_stats, images, labels, rng):
+        def one(carry, xs):
+            batch_stats, total = carry
+            index, images, labels = xs
+            (loss, (batch_stats, accuracy)), grads = grad_fn(
+                trainable, frozen, batch_stats, images, labels, jax.random.fold_in(rng, index))
+            return (batch_stats, jax.tree.map(jnp.add, total, (loss, accuracy, grads))), None
+
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
+        xs = (jnp.arange(k), micro_batches(images), micro_batches(labels))
+        (batch_stats, total), _ = jax.lax.scan(one, (batch_stats, zeros), xs)
+        loss, accuracy, grads = jax.tree.map(lambda t: t / k, total)
+        return (loss, (batch_stats, accuracy)), grads
+    return accumulated
 
 
 def make_eval_step(exp: Experiment) -> Callable:
@@ -207,9 +250,10 @@ def make_eval_step(exp: Experiment) -> Callable:
         return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
                 "count": jnp.sum(mask)}
 
-    replicated, batch = sharding.replicated(exp.mesh), sharding.rows(exp.mesh)
-    return jax.jit(step, in_shardings=(replicated, batch, batch, batch),
-                   out_shardings=replicated)
+    shards = sharding.state_shardings(exp.mesh, exp.state.variables())
+    batch = sharding.rows(exp.mesh)
+    return jax.jit(step, in_shardings=(shards, batch, batch, batch),
+                   out_shardings=sharding.replicated(exp.mesh))
 
 
 def evaluate(exp: Experiment, state: TrainState, eval_step=None) -> dict:
@@ -300,7 +344,8 @@ def _check_cached_step(exp: Experiment, state: TrainState, cache: prefix_cache.P
     """One step from the prefix's cached output and one through the whole network, from
     ``state`` on the same examples (a batch the mesh divides), must give the same loss and the
     same updated parameters (a fresh head of zeros can hide a difference in the loss alone)."""
-    positions = np.arange(max(2, exp.mesh.size)) % len(exp.train_split)
+    positions = (np.arange(max(2, exp.mesh.size) * exp.cfg.train.get("accum_steps", 1))
+                 % len(exp.train_split))
     local = data.process_rows(exp.train_split.read_batch(positions), jax.process_index(),
                               jax.process_count())
     images, labels = sharding.global_batch(exp.mesh, *local)
@@ -331,10 +376,10 @@ def _resume(exp: Experiment, workdir: Path) -> TrainState:
     if checkpoints.latest_step(workdir / checkpoints.SUBDIR) is None:
         return exp.state
     variables, _, train_state = checkpoints.restore(workdir,
-                                                    with_train_state_like=exp.state.train_state())
-    state = exp.state.replace(params=variables["params"],
-                              batch_stats=variables.get("batch_stats", {}), **train_state)
-    return jax.device_put(state, sharding.replicated(exp.mesh))
+                                                    with_train_state_like=exp.state.train_state(),
+                                                    variables_like=exp.state.variables())
+    return exp.state.replace(params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}), **train_state)
 
 
 def _resume_records(exp: Experiment, path: Path, step: int) -> list[dict]:

@@ -43,10 +43,13 @@ def test_optimizer_keeps_no_state_for_frozen_parameters(make_config):
     assert exp.trainable_params < sum(x.size for x in jax.tree.leaves(exp.state.params))
 
 
-def test_compiled_flops_fall_as_freeze_depth_grows(make_config):
-    """With global-norm clipping and weight decay on: neither pulls frozen gradients back."""
+@pytest.mark.parametrize("extra", ["", pytest.param(",model.name='lenet5',train.accum_steps=2",
+                                                   marks=pytest.mark.slow)])
+def test_compiled_flops_fall_as_freeze_depth_grows(make_config, extra):
+    """With global-norm clipping and weight decay on: neither pulls frozen gradients back; nor
+    does accumulation over micro-batches."""
     flops = [train.compiled_flops(train.build(make_config(
-        "fashion_mnist.py", f"{DIGITS},freeze.depth={d},optim.grad_clip=1.0")))
+        "fashion_mnist.py", f"{DIGITS},freeze.depth={d},optim.grad_clip=1.0{extra}")))
         for d in range(5)]
     assert all(a > b for a, b in zip(flops, flops[1:])), flops
 
