@@ -82,8 +82,11 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(uninterrupted, tfd
 @pytest.mark.slow
 def test_sigterm_and_sigint_save_their_step_say_so_and_the_rerun_is_bit_identical(
         uninterrupted, tfds_dir, tmp_path):
-    chosen = sorted(random.Random(os.urandom(8)).sample(range(1, TOTAL_STEPS - 5), 2))
-    for step, signum, status in zip(chosen, (signal.SIGTERM, signal.SIGINT), (143, 130)):
+    rng, chosen = random.Random(os.urandom(8)), []
+    for signum, status, last in ((signal.SIGTERM, 143, TOTAL_STEPS // 2), (signal.SIGINT, 130,
+                                                                         TOTAL_STEPS - 4)):
+        step = rng.randrange(latest(tmp_path) + 1, last)  # after the rerun's first save
+        chosen.append(step)
         proc = start(tfds_dir, tmp_path)
         _, err = signal_at(proc, tmp_path, step, signum)
         lines = err.strip().splitlines()
