@@ -227,3 +227,11 @@ def test_a_dataset_prepared_from_other_idx_files_is_not_reused(tmp_path):
         return sorted(raw[i:i + 784] for i in range(0, len(raw), 784))
     assert images(1) == written(1)
     assert images(2) == written(2)  # prepared anew, though a copy from idx1's files exists
+
+
+def test_allowed_change_to_a_state_that_does_not_fit_is_one_line(make_config, digits_run):
+    cfg = make_config("fashion_mnist.py", f"{DIGITS},optim.name='adamw',"
+                      "train.allow_config_change=True")
+    with pytest.raises(CheckpointError, match="is intact but does not fit this run") as error:
+        train.train_and_evaluate(cfg, digits_run)
+    assert "\n" not in str(error.value)
