@@ -45,6 +45,8 @@ def manager(orbax_dir: str | Path, *, max_to_keep: int | None = 2,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, variables, meta: dict, train_state=None) -> None:
+    """Save ``step`` and then its ``SHA256SUMS``; a save that fails (a full disk) leaves no
+    part of ``step`` behind and raises ``CheckpointError``, the earlier steps kept."""
     items = {VARIABLES: ocp.args.StandardSave(variables), META: ocp.args.JsonSave(meta)}
     if train_state is not None:
         items[TRAIN_STATE] = ocp.args.StandardSave(train_state)
@@ -106,35 +108,34 @@ def read_meta(directory: str | Path) -> dict:
     return _restore_intact(directory, {META: ocp.args.JsonRestore()}, False)[META]
 
 
-def _restore_intact(directory, items: dict, set_aside_damaged: bool) -> dict:
+def _restore_intact(directory, items: dict, set_aside_damaged: bool):
     mngr, _ = open_existing(directory)
     path = Path(mngr.directory)
     try:
         damaged = []
         for step in sorted(mngr.all_steps(), reverse=True):
-            problem = _restored_or_damage(mngr, path, step, items)
-            if isinstance(problem, str):
-                damaged.append(step)
-                _LOG.warning("checkpoint %s/%d is damaged (%s)%s", path, step, problem,
-                                "; trying the step before it" if step != min(mngr.all_steps())
-                                else "")
-                continue
-            if damaged and set_aside_damaged and jax.process_index() == 0:
-                for bad in damaged:
-                    (path / str(bad)).rename(path / f"{bad}.damaged")
-            if damaged:
-                _LOG.warning("restored step %d of %s instead of damaged step(s) %s",
-                                step, path, damaged)
-            return problem
+            outcome = _restored_or_damage(mngr, path, step, items)
+            if not isinstance(outcome, str):
+                break
+            damaged.append(step)
+            _LOG.warning("checkpoint %s/%d is damaged (%s)", path, step, outcome)
+        else:
+            raise CheckpointError(
+                f"every step of {path} is damaged ({', '.join(map(str, damaged))}: see the "
+                f"warnings above); restore {path} from a copy, or delete it to train from the "
+                "start.")
     finally:
         mngr.close()
-    raise CheckpointError(
-        f"every step of {path} is damaged ({', '.join(map(str, damaged))}: see the warnings "
-        f"above); restore {path} from a copy, or delete it to train from the start.")
+    if damaged:
+        _LOG.warning("restored step %d of %s instead of damaged step(s) %s", step, path, damaged)
+        if set_aside_damaged and jax.process_index() == 0:
+            for bad in damaged:
+                (path / str(bad)).rename(path / f"{bad}.damaged")
+    return outcome
 
 
-def _restored_or_damage(mngr, path: Path, step: int, items: dict) -> dict | str:
-    """The restored items of ``step``, or what is wrong with it (a string)."""
+def _restored_or_damage(mngr, path: Path, step: int, items: dict):
+    """The restored items of ``step`` (orbax's Composite), or what is wrong with it (a str)."""
     step_dir = path / str(step)
     if checksums.has_manifest(step_dir):
         problems = checksums.problems(step_dir)
@@ -143,8 +144,8 @@ def _restored_or_damage(mngr, path: Path, step: int, items: dict) -> dict | str:
             return f"checksums differ: {'; '.join(problems[:3])}{more}"
         intact = True
     else:
-        _LOG.warning("checkpoint %s has no %s (written before checksums): loaded unverified",
-                        step_dir, checksums.MANIFEST)
+        _LOG.warning("checkpoint %s has no %s (written before checksums, or killed just after "
+                     "orbax finalized it): loaded unverified", step_dir, checksums.MANIFEST)
         intact = False
     try:
         return mngr.restore(step, args=ocp.args.Composite(**items))
