@@ -235,3 +235,14 @@ def test_allowed_change_to_a_state_that_does_not_fit_is_one_line(make_config, di
     with pytest.raises(CheckpointError, match="is intact but does not fit this run") as error:
         train.train_and_evaluate(cfg, digits_run)
     assert "\n" not in str(error.value)
+
+
+def test_a_resumed_run_sets_a_damaged_step_aside_and_can_save_it_again(tmp_path, caplog):
+    save_steps(tmp_path, [1, 2])
+    (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text('{"step": 7}')
+    with caplog.at_level(logging.WARNING):
+        _, meta, _ = checkpoints.restore(tmp_path, set_aside_damaged=True)
+    assert meta == {"step": 1} and "instead of damaged step(s) [2]" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2.damaged"]
+    save_steps(tmp_path, [2])
+    assert checkpoints.restore(tmp_path)[1] == {"step": 2}
