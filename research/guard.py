@@ -75,8 +75,8 @@ def raise_if_stopped(step: int, workdir: Path) -> None:
 
 
 class LossWatch:
-    """Each step's loss is checked when the next step has been dispatched, so reading it waits
-    for no step still running."""
+    """Each step's loss is checked once the next step has been dispatched: reading it waits
+    for that step alone, while the next one runs (no sync of its own)."""
 
     def __init__(self, cfg):
         self.cfg, self._pending = cfg, None
