@@ -229,7 +229,7 @@ def _unknown_dataset(name: str) -> str:
     known = [*_BUILDERS, *tfds.core.registered.list_imported_builders()]
     close = difflib.get_close_matches(name, known, n=4)
     return (f"data.name={name!r} is no dataset here or in TFDS"
-            f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} Use fashion_mnist, "
+            f"{'; did you mean ' + ', '.join(close) + '?' if close else '.'} Use fashion_mnist, "
             "digits, synthetic:HxWxC:K or a prepared TFDS dataset.")
 
 

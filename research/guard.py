@@ -93,7 +93,7 @@ class LossWatch:
 
 
 def _fix(cfg) -> str:
-    clip = (f"set optim.grad_clip (e.g. 1.0)" if not cfg.optim.grad_clip
+    clip = ("set optim.grad_clip (e.g. 1.0)" if not cfg.optim.grad_clip
             else f"lower optim.grad_clip (now {cfg.optim.grad_clip})")
     return (f"training diverged and nothing after the last finite checkpoint was saved; lower "
             f"optim.lr (now {cfg.optim.lr:g}), {clip} or add optim.warmup_steps, and rerun in a "
@@ -124,10 +124,11 @@ def check_resumable(saved_config: dict, cfg) -> None:
     if cfg.train.get("allow_config_change", False):
         return
     old, new = _flat(saved_config), _flat(cfg.to_dict())
+    absent = "<absent>"
     differing = sorted(k for k in old.keys() | new.keys()
-                       if k not in RESUMABLE_KEYS and old.get(k, "<absent>") != new.get(k, "<absent>"))
+                       if k not in RESUMABLE_KEYS and old.get(k, absent) != new.get(k, absent))
     if differing:
-        shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}"
+        shown = ", ".join(f"{k}: {old.get(k, absent)!r} → {new.get(k, absent)!r}"
                           for k in differing[:8])
         more = f" and {len(differing) - 8} more" if len(differing) > 8 else ""
         raise ConfigError(f"the workdir's checkpoint was trained under another config ({shown}"
@@ -177,9 +178,10 @@ def check_workdir(workdir: str | Path, cfg) -> None:
     workdir = Path(workdir).absolute()
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; pass a directory.")
-    if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
-        raise ConfigError(f"{workdir / 'checkpoints'} is a file, not a checkpoint directory; "
-                          "move it away or pass another --workdir.")
+    orbax_dir = workdir / checkpoints.SUBDIR
+    if orbax_dir.exists() and not orbax_dir.is_dir():
+        raise ConfigError(f"{orbax_dir} is a file, not a checkpoint directory; move it away or "
+                          "pass another --workdir.")
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"--workdir {workdir}: {existing} is a file; pass a directory.")
@@ -188,5 +190,5 @@ def check_workdir(workdir: str | Path, cfg) -> None:
     except OSError as e:
         raise ConfigError(f"--workdir {workdir} cannot be written ({e.strerror} in {existing}); "
                           "pass a directory you can write to.") from None
-    if checkpoints.latest_step(workdir / checkpoints.SUBDIR) is not None:
+    if checkpoints.latest_step(orbax_dir) is not None:
         check_resumable(checkpoints.read_meta(workdir)["config"], cfg)

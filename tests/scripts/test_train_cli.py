@@ -25,7 +25,8 @@ TOTAL_STEPS = 30
 
 
 def start(tfds_dir, workdir) -> subprocess.Popen:
-    config = f"{ROOT}/configs/fashion_mnist.py:data.tfds_dir={tfds_dir},train.progress=False,{OVERRIDES}"
+    config = (f"{ROOT}/configs/fashion_mnist.py:data.tfds_dir={tfds_dir},train.progress=False,"
+              f"{OVERRIDES}")
     return subprocess.Popen([sys.executable, "-m", "scripts.train", "--config", config,
                              "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
