@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_epochs = 1.0  # 0: checkpoint only at the end
     c.train.keep_checkpoints = 2
     c.train.progress = True
+    c.train.allow_config_change = False  # resume a workdir trained under another config
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1: all (divided by fsdp)

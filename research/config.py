@@ -18,25 +18,52 @@ from research.errors import ConfigError
 
 
 def split_pairs(arg: str | None) -> list[tuple[str, object]]:
-    """``"a=1,b=(2,3),c=x"`` → ``[("a", 1), ("b", (2, 3)), ("c", "x")]``."""
+    """``"a=1,b=(2,3),c=x"`` → ``[("a", 1), ("b", (2, 3)), ("c", "x")]``.
+
+    Commas split pairs outside brackets and quoted strings (a quote's backslash escapes count,
+    as in Python); an unclosed quote or an unbalanced bracket is refused."""
     if not arg:
         return []
-    pairs, depth, current = [], 0, ""
-    for char in arg + ",":
-        if char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        if char == "," and depth == 0:
-            if current.strip():
-                key, sep, value = current.partition("=")
-                if not sep:
-                    raise ConfigError(f"config argument {current!r} is not key=value.")
-                pairs.append((key.strip(), _literal(value.strip())))
-            current = ""
-        else:
-            current += char
+    pairs = []
+    for item in _top_level_items(arg):
+        if item.strip():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"config argument {item!r} is not key=value.")
+            pairs.append((key.strip(), _literal(value.strip())))
     return pairs
+
+
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+
+
+def _top_level_items(arg: str) -> list[str]:
+    """``arg`` split at the commas outside brackets and quotes."""
+    items, start, open_brackets, quote, i = [], 0, [], None, 0
+    while i < len(arg):
+        char = arg[i]
+        if quote:
+            if char == "\\":
+                i += 1
+            elif char == quote:
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif char in _CLOSING:
+            open_brackets.append(char)
+        elif char in _CLOSING.values():
+            if not open_brackets or _CLOSING[open_brackets.pop()] != char:
+                raise ConfigError(f"config argument {arg!r}: {char!r} at character {i + 1} closes "
+                                  "no bracket; balance the brackets or quote the value.")
+        elif char == "," and not open_brackets:
+            items.append(arg[start:i])
+            start = i + 1
+        i += 1
+    if quote or open_brackets:
+        what = f"the quote {quote}" if quote else f"the bracket {open_brackets[-1]!r}"
+        raise ConfigError(f"config argument {arg!r}: {what} is never closed; close it (quote a "
+                          "value holding brackets or commas: key='a,(b').")
+    return items + [arg[start:]]
 
 
 def _literal(text: str):

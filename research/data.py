@@ -11,8 +11,10 @@ Batches are ``(images uint8 NHWC, labels int32)``; normalisation and resizing ha
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,6 +23,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from research import checksums
 from research.errors import DataError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -72,13 +75,21 @@ def _image_label_features(image_shape: Sequence[int], num_classes: int):
 
 
 class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
-    """Fashion-MNIST from its four IDX files (Debian's ``dataset-fashion-mnist`` by default)."""
+    """Fashion-MNIST from its four IDX files (Debian's ``dataset-fashion-mnist`` by default),
+    prepared under a config named by their contents' hash: files with other contents are
+    prepared anew, never read from a copy prepared from others."""
 
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, idx_dir: str = DEBIAN_FASHION_MNIST, **kwargs):
         self._idx_dir = Path(idx_dir)
-        super().__init__(**kwargs)
+        super().__init__(config=_idx_fingerprint(self._idx_dir), **kwargs)
+
+    @classmethod
+    def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig:
+        """Every ``idx-<hash>`` name is a config of its own (TFDS warns of configs it does not
+        list)."""
+        return tfds.core.BuilderConfig(name=name)
 
     def _info(self):
         features = tfds.features.FeaturesDict({
@@ -100,6 +111,13 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
                             f"{len(labels)} labels.")
         for i, (image, label) in enumerate(zip(images, labels)):
             yield i, {"image": image[..., None], "label": int(label)}
+
+
+def _idx_fingerprint(directory: Path) -> str:
+    """``idx-`` and 12 hex digits of the SHA-256 over the four IDX files' hashes."""
+    files = [find_idx_file(directory, stem) for stems in IDX_FILES.values() for stem in stems]
+    combined = hashlib.sha256("".join(checksums.digest(f) for f in files).encode())
+    return f"idx-{combined.hexdigest()[:12]}"
 
 
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
@@ -200,14 +218,24 @@ def _data_source(name: str, data_dir: str | None, idx_dir: str | None, split: st
         return builder.as_data_source(split=split)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
-            NotImplementedError, ValueError, KeyError) as e:
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(_unknown_dataset(name)) from None
+    except (AssertionError, FileNotFoundError, NotImplementedError, ValueError, KeyError) as e:
         raise DataError(
             f"TFDS dataset {name!r} (split {split!r}) is not prepared in array_record form "
-            f"under {data_dir or tfds.core.constants.DATA_DIR} ({type(e).__name__}: {e}). "
+            f"under {data_dir or tfds.core.constants.DATA_DIR} ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0]}). "
             f"Prepare it with `tfds build {name} --file_format=array_record"
             f"{' --data_dir ' + data_dir if data_dir else ''}`, or set data.tfds_dir to where it "
             "is.") from None
+
+
+def _unknown_dataset(name: str) -> str:
+    known = [*_BUILDERS, *tfds.core.registered.list_imported_builders()]
+    close = difflib.get_close_matches(name, known, n=4)
+    return (f"data.name={name!r} is no dataset here or in TFDS"
+            f"{'; did you mean ' + ', '.join(close) + '?' if close else '.'} Use fashion_mnist, "
+            "digits, synthetic:HxWxC:K or a prepared TFDS dataset.")
 
 
 def read_records(source, indices) -> list:

@@ -25,3 +25,16 @@ def mismatch_report(missing=(), unexpected=(), misshaped=(), limit: int = 50) ->
             if len(items) > limit:
                 lines.append(f"    … and {len(items) - limit} more")
     return "\n".join(lines)
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss or parameter that is no longer finite: the run stops before saving it."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM or SIGINT once its current step was saved; the command exits
+    with ``exit_status`` (128 + the signal's number, as a shell reports a process it ended)."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status

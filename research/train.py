@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 import models
 from models import cpu
-from research import (checkpoints, data, freeze, phases, prefix_cache, preprocess, pretrained,
-                      sharding, tree)
+from research import (checkpoints, data, freeze, guard, phases, prefix_cache, preprocess,
+                      pretrained, sharding, tree)
 from research.errors import ConfigError
 
 # Parameters, optimizer state, BatchNorm statistics and the loss stay float32 in either.
@@ -80,6 +80,7 @@ class Experiment:
 
 def build(cfg) -> Experiment:
     """Validate ``cfg`` and build the model, data, freeze plan, optimizer and initial state."""
+    guard.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     global_batch = cfg.train.batch_size
     _check_precision_and_accumulation(cfg.train, mesh)
@@ -91,6 +92,9 @@ def build(cfg) -> Experiment:
         raise ConfigError(f"train.batch_size={global_batch} exceeds the {len(train_split)} "
                           "training examples: lower it.")
     total_steps = int(cfg.train.epochs * steps_per_epoch)
+    if total_steps == 0:
+        raise ConfigError(f"train.epochs={cfg.train.epochs} of {steps_per_epoch} steps makes no "
+                          "step: raise train.epochs.")
     tx = phases.optimizer(cfg, model, plan, variables["params"], steps_per_epoch, total_steps)
     rng = jax.random.key_data(jax.random.key(cfg.train.seed + 1))
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
@@ -290,9 +294,13 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint) and evaluate.
 
     ``stop_after`` ends the run after that many steps in total, as an interruption would.
+    Under ``guard.handle_stop_signals`` SIGTERM or SIGINT saves the current step and raises
+    ``Interrupted``; a loss or parameter that is not finite raises ``TrainingDiverged`` and is
+    never saved; the workdir and values are checked (``guard``) before anything is written.
     Returns the final metrics, the trainable parameter count and the seconds spent.
     """
     start = time.perf_counter()
+    guard.check_workdir(workdir, cfg)
     exp = build(cfg)
     workdir = Path(workdir)
     state = _resume(exp, workdir)
@@ -310,10 +318,14 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     bar = tqdm(total=exp.total_steps, initial=step, desc=cfg.get("name", "train"),
                disable=not cfg.train.progress or jax.process_index() != 0, leave=False)
     epoch_metrics, history = _resume_records(exp, workdir / "metrics.jsonl", step), []
+    watch = guard.LossWatch(cfg)
     while step < end:
         images, labels = next(batches)
         state, metrics = train_step(step, state, *sharding.global_batch(exp.mesh, images, labels))
         step += 1
+        watch.after_step(step, metrics)
+        if guard.stop_signal():
+            end = step  # save this step, then stop
         epoch_metrics.append(metrics)
         bar.update(1)
         if step == end or _every(step, exp.steps_per_epoch * cfg.train.eval_every_epochs):
@@ -323,10 +335,12 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
             _append_jsonl(workdir / "metrics.jsonl", history[-1])
             epoch_metrics = []
         if step == end or _every(step, exp.steps_per_epoch * cfg.train.checkpoint_every_epochs):
+            guard.check_finite_variables(state.variables(), step, cfg)
             checkpoints.save(mngr, step, state.variables(), exp.meta(), state.train_state())
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
+    guard.raise_if_stopped(step, workdir)
     final = history[-1] if history else _epoch_record(exp, state, step, [], eval_step)
     return dict(final, trainable_params=exp.trainable_params, n_train=len(exp.train_split),
                 seconds=time.perf_counter() - start, state=state)
@@ -375,7 +389,7 @@ def _resume(exp: Experiment, workdir: Path) -> TrainState:
     writes nothing."""
     if checkpoints.latest_step(workdir / checkpoints.SUBDIR) is None:
         return exp.state
-    variables, _, train_state = checkpoints.restore(workdir,
+    variables, _, train_state = checkpoints.restore(workdir, set_aside_damaged=True,
                                                     with_train_state_like=exp.state.train_state(),
                                                     variables_like=exp.state.variables())
     return exp.state.replace(params=variables["params"],
@@ -414,4 +428,4 @@ def _epoch_record(exp, state, step, epoch_metrics, eval_step) -> dict:
 def _append_jsonl(path: Path, record: dict) -> None:
     if jax.process_index() == 0:
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(guard.json_safe(record), allow_nan=False) + "\n")

@@ -12,4 +12,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(main, trains=True)

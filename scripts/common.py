@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 import jax
 
 from models.cpu import process
-from research.errors import CheckpointError, ConfigError, DataError
+from research import guard
+from research.errors import (CheckpointError, ConfigError, DataError, Interrupted,
+                             TrainingDiverged)
 
 
 def config_and_workdir_args(description: str) -> argparse.Namespace:
@@ -29,13 +32,18 @@ def start_distributed() -> None:
                                    int(os.environ["JAX_PROCESS_ID"]))
 
 
-def run_main(main) -> None:
+def run_main(main, *, trains: bool = False) -> None:
     """Run ``main()`` in this process (restarted first only where the user opts in with
     ``TRANSFERLAB_PROCESS_TUNING=1``: ``models.cpu.process.restart_tuned``); transferlab's own
-    errors print as one clear line, not a traceback."""
+    errors print as one clear line, not a traceback (exit status 2). A command that ``trains``
+    saves its step on SIGTERM or SIGINT and exits 143 or 130 (``research.guard``)."""
     process.restart_tuned()
     try:
-        main()
-    except (ConfigError, DataError, CheckpointError) as e:
+        with guard.handle_stop_signals() if trains else contextlib.nullcontext():
+            main()
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,7 +26,6 @@ def assert_stops_before_writing(make_config, workdir, overrides, error, match, *
     assert not workdir.exists(), sorted(p.name for p in workdir.rglob("*"))
 
 
-# Set on the config: an unbalanced bracket inside a quoted override value ends the parse.
 @pytest.mark.parametrize("regex,match", [("stage9/.*", "matches no parameter path"),
                                          ("stage1/(", "not a valid regular expression")])
 def test_bad_freeze_regex(make_config, tmp_path, regex, match):

@@ -14,13 +14,13 @@ PACKAGES = ("models", "research", "scripts", "configs")
 # ``package.*`` names the package and every module under it.
 LAYERS = (
     ("models.*",),
-    ("research", "research.errors", "research.tree"),
+    ("research", "research.errors", "research.tree", "research.checksums"),
     ("research.config",),
     ("research.data",),
     ("research.preprocess", "research.checkpoints", "research.pretrained", "research.convert.*"),
     ("research.freeze",),
     ("research.optim",),
-    ("research.sharding",),
+    ("research.sharding", "research.guard"),
     ("research.prefix_cache",),
     ("research.phases",),
     ("research.train",),
