@@ -57,7 +57,7 @@ def folder_source(root: str, split: str, test_fraction: float) -> FolderSource:
     """``split`` of the image folder ``root``: ``root/<split>/<class>/*`` if ``root/<split>``
     exists, else ``root/<class>/*`` held out by ``test_fraction`` (``split`` named "test" gets
     the held-out share). Every image is checked to decode."""
-    path = Path(root)
+    path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(f"data.name={FOLDER_PREFIX}{root}: {root} is not a directory; give the "
                         "folder holding one subfolder of images per class.")
