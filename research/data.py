@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import grain
-from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 from research import pipeline
 from research.errors import ConfigError, DataError
