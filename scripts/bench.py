@@ -193,21 +193,29 @@ def ours_jpeg_pipeline(workers: int, batch: int, steps: int, size: int = 224) ->
                           f"data.image_size={size},data.test_fraction=0.5")
         split, _ = data.fit_pipeline(cfg, {}, *data.load_splits(cfg.data, seed=0))
         batches = data.train_batches(split, batch, seed=0)
-        seconds = timed(lambda: next(batches), steps, warmup=3)
-    return dict(img_s=batch / seconds, peak_mb=peak_mb())
+        for _ in range(3):  # the workers started and their buffers filled
+            next(batches)
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):  # the whole run: workers deliver in bursts, which a median
+            next(batches)  # call (``timed``) would count as their rate
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    # Per CPU-second of this process, whose threads do all the work without workers: the
+    # rate of one core, whatever a shared machine's neighbours take.
+    per_core = batch * steps / cpu if workers == 0 else None
+    return dict(img_s=batch * steps / seconds, img_s_per_core=per_core, peak_mb=peak_mb())
 
 
 def pipeline_run(batch: int, steps: int, records: list[dict], log=print) -> None:
-    """``--pipeline``: img/s of ``ours_jpeg_pipeline`` with each of ``JPEG_WORKERS``, and per
-    core of this machine."""
+    """``--pipeline``: img/s of ``ours_jpeg_pipeline`` with each of ``JPEG_WORKERS``, and
+    (without workers) per core."""
     for workers in JPEG_WORKERS:
         result = measure("ours_jpeg_pipeline", workers=workers, batch=batch, steps=steps * 5)
-        cores = min(os.cpu_count() or 1, max(workers, 1))
+        per_core = result["img_s_per_core"]
         records.append(dict(model="jpeg 224²", what=f"input pipeline, {workers} workers",
                             ours=result["img_s"], peer=None, unit="img/s", ratio=None,
-                            cores=cores, img_s_per_core=result["img_s"] / cores))
-        log(f"jpeg 224² pipeline, {workers} workers: {result['img_s']:.1f} img/s "
-            f"({result['img_s'] / cores:.1f} per core)")
+                            **({"img_s_per_core": per_core} if per_core else {})))
+        log(f"jpeg 224² pipeline, {workers} workers: {result['img_s']:.1f} img/s"
+            + (f" ({per_core:.1f} per core)" if per_core else ""))
 
 
 # --- PyTorch eager -------------------------------------------------------------------------

@@ -90,4 +90,4 @@ def test_a_measurement_runs_with_and_without_the_process_settings():
 def test_jpeg_pipeline_measures_decoded_augmented_batches():
     from scripts import bench
     result = bench.ours_jpeg_pipeline(workers=0, batch=4, steps=2, size=64)
-    assert result["img_s"] > 0 and result["peak_mb"] > 0
+    assert result["img_s"] > 0 and result["img_s_per_core"] > 0 and result["peak_mb"] > 0
