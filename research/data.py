@@ -190,14 +190,17 @@ class Split:
             images = [self.transform.eval(image) for image in images]
         return np.stack(images), self.labels[positions]
 
-    def read_train_batch(self, seed: int, step: int, positions: np.ndarray) -> tuple:
-        """Training batch ``step``: ``read_batch``, augmented where the transform augments,
-        row ``r``'s randomness drawn from ``(seed, step, r)`` alone."""
+    def read_train_batch(self, seed: int, rows: np.ndarray, step: int,
+                         positions: np.ndarray) -> tuple:
+        """``rows`` of training batch ``step`` (of the examples at ``positions``): ``read_batch``,
+        augmented where the transform augments, row ``r``'s randomness drawn from
+        ``(seed, step, r)`` alone."""
+        positions = positions[rows]
         if self.transform is None or not self.transform.augments:
             return self.read_batch(positions)
         records = read_records(self.source, self.indices[positions])
         images = [self.transform.train(r[self.image_key], np.random.default_rng((seed, step, row)))
-                  for row, r in enumerate(records)]
+                  for row, r in zip(rows, records)]
         return np.stack(images), self.labels[positions]
 
     @property
@@ -391,25 +394,28 @@ def _vtab1k_spans(cfg, source) -> tuple:
     return VTAB1K[vtab]
 
 
-def train_dataset(split: Split, batch_size: int, seed: int) -> grain.MapDataset:
-    """Endless shuffled batches; batch ``k`` is a function of ``seed`` and ``k`` alone.
+def train_dataset(split: Split, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """Endless shuffled batches, this process's rows of each (``process_rows``), read and
+    transformed alone; batch ``k`` is a function of ``seed`` and ``k`` alone.
 
     Each epoch is a fresh permutation; the last incomplete batch of an epoch is dropped.
     """
     if len(split) < batch_size:
         raise DataError(f"the training split has {len(split)} examples, fewer than one batch of "
                         f"{batch_size}: lower train.batch_size.")
+    rows = process_rows((np.arange(batch_size),), process_index, process_count)[0]
     return (grain.MapDataset.range(len(split)).shuffle(seed=seed)
             .batch(batch_size, drop_remainder=True).repeat()
-            .map_with_index(functools.partial(split.read_train_batch, seed)))
+            .map_with_index(functools.partial(split.read_train_batch, seed, rows)))
 
 
 def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   prefetch_threads: int = 2) -> Iterator:
     """Batches from step ``start_step`` on; each process reads its own slice of every batch."""
-    ds = train_dataset(split, batch_size * process_count, seed)[start_step:]
-    ds = ds.map(lambda b: process_rows(b, process_index, process_count))
+    ds = train_dataset(split, batch_size * process_count, seed, process_index,
+                       process_count)[start_step:]
     read = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=4)
     return iter(_in_workers(ds.to_iter_dataset(read), split.workers))
 

@@ -99,9 +99,14 @@ def test_inception_crop_and_flip_follow_seed_step_and_row(make_config, tmp_path)
     np.testing.assert_array_equal(resumed[0], first[3][0])
     assert first[0][0].shape == (4, 32, 32, 3)
     plain = train.read_batch(np.arange(4))[0]
-    augmented = train.read_train_batch(1, 0, np.arange(4))[0]
+    rows = np.arange(4)
+    augmented = train.read_train_batch(1, rows, 0, np.arange(4))[0]
     assert not np.array_equal(plain, augmented)
-    assert not np.array_equal(augmented, train.read_train_batch(1, 1, np.arange(4))[0])
+    assert not np.array_equal(augmented, train.read_train_batch(1, rows, 1, np.arange(4))[0])
+    # Two processes' halves of a batch are the rows of the whole, augmented alike.
+    halves = [next(data.train_batches(train, 2, seed=1, process_index=i, process_count=2))[0]
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), first[0][0])
 
 
 def test_flip_with_probability_one_mirrors_the_evaluation_image():
