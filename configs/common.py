@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.zero_head = False  # zero the parameters that dont_load kept fresh
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "fashion_mnist"  # fashion_mnist, digits, a TFDS dataset (array_record), folder:PATH
+    c.data.name = "fashion_mnist"  # fashion_mnist, digits, TFDS (array_record), folder:PATH
     c.data.idx_dir = DEBIAN_FASHION_MNIST
     c.data.tfds_dir = ""  # empty: TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     c.data.train_split = "train"
@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.08, 1.0)  # inception crop: its share of the image's area
     c.data.crop_ratio = (3 / 4, 4 / 3)  # inception crop: its range of aspect ratios
     c.data.flip = 0.0  # probability of a horizontal flip in training
-    c.data.crop_fraction = 0.0  # evaluation's centre crop / resized short side; 0: checkpoint's, else 1
+    c.data.crop_fraction = 0.0  # eval centre crop / resized short side; 0: checkpoint's, else 1
     c.data.test_fraction = 0.2  # image folder without a test/ folder: share of each class held out
     c.data.vtab1k = ""  # "tune": 800 train, 200 validation examples; "final": 1000 train; "": off
 

@@ -96,7 +96,8 @@ def _scan(path: Path) -> FolderSource:
                         tuple(d.name for d in classes))
 
 
-def _with_train_classes(source: FolderSource, train_classes: list[Path], path: Path) -> FolderSource:
+def _with_train_classes(source: FolderSource, train_classes: list[Path],
+                        path: Path) -> FolderSource:
     """A test folder's labels numbered as the train folder's classes."""
     names = tuple(d.name for d in train_classes)
     unknown = sorted(set(source.class_names) - set(names))

@@ -49,6 +49,6 @@ def test_augmented_run_resumes_bit_identical(make_config, tmp_path):
     train.train_and_evaluate(cfg, tmp_path / "resumed", stop_after=3)
     resumed = train.train_and_evaluate(cfg, tmp_path / "resumed")["state"]
     assert int(resumed.step) == int(whole.step) == 6
-    for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(resumed)),
-                    strict=True):
+    whole, resumed = jax.device_get(whole), jax.device_get(resumed)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -17,8 +17,8 @@ def write_fashion_folder(root: Path, per_class: int = 6, classes=(0, 1, 7), test
                          split: str = "test") -> Path:
     """``root/[train|test]/<class name>/*.png|jpg``: Fashion-MNIST images resized with PIL to
     each of ``SIZES`` in turn, RGB PNGs, with a grayscale PNG and an RGBA PNG among them."""
-    images = data.read_idx(data.find_idx_file(Path(data.DEBIAN_FASHION_MNIST), "t10k-images-idx3-ubyte"))
-    labels = data.read_idx(data.find_idx_file(Path(data.DEBIAN_FASHION_MNIST), "t10k-labels-idx1-ubyte"))
+    images, labels = (data.read_idx(data.find_idx_file(Path(data.DEBIAN_FASHION_MNIST), stem))
+                      for stem in data.IDX_FILES["test"])
     splits = ("train", split) if test else ("",)
     for s, name in enumerate(splits):
         for c in classes:
@@ -78,15 +78,15 @@ def test_folder_with_train_and_test_folders(make_config, tmp_path):
 
 
 def test_evaluation_is_torchvisions_resize_and_centre_crop():
-    torchvision = pytest.importorskip("torchvision", reason="the reference transform needs torchvision")
-    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+    tv = pytest.importorskip("torchvision.transforms",
+                             reason="the reference transform needs torchvision")
     image = np.random.default_rng(0).integers(0, 256, (77, 130, 3), np.uint8)
     for interpolation in ("bilinear", "bicubic"):
         transform = pipeline.Transform(size=48, resize=55, interpolation=interpolation)
-        reference = Compose([Resize(55, InterpolationMode(interpolation)), CenterCrop(48)])
+        reference = tv.Compose([tv.Resize(55, tv.InterpolationMode(interpolation)),
+                                tv.CenterCrop(48)])
         np.testing.assert_array_equal(transform.eval(image),
                                       np.asarray(reference(Image.fromarray(image))))
-    del torchvision
 
 
 def test_inception_crop_and_flip_follow_seed_step_and_row(make_config, tmp_path):
@@ -217,7 +217,7 @@ def test_bad_folders_name_the_file_and_the_fix(make_config, tmp_path, damage, ma
 
 @pytest.mark.parametrize("override,match", [
     ("data.crop_fraction=1.2", r"data.crop_fraction=1.2: the centre crop would be larger"),
-    ("data.crop_scale=(0.5, 1.5)", r"data.crop_scale=\(0.5, 1.5\).*cannot be larger than the image"),
+    ("data.crop_scale=(0.5, 1.5)", r"data.crop_scale=\(0.5, 1.5\).*cannot be larger than"),
     ("data.augment='random'", r"data.augment='random'"),
     ("data.image_size=0", r"data.image_size=0.*vary in size"),
     ("data.augment='inception',freeze.cache_prefix=True", r"freeze.cache_prefix"),

@@ -37,6 +37,7 @@ def test_vit_trained_at_another_resolution_converts_at_that_size(tmp_path, image
     assert done.returncode == 0, done.stderr
     loaded = pretrained.load(tmp_path / "out")
     spec = loaded.meta["preprocess"]
-    assert (spec["input_size"], spec["resize"], spec["crop_fraction"]) == (image_size, image_size, 1.0)
-    assert loaded.variables["params"]["embed"]["pos_embedding"].shape[1] == (image_size // 32) ** 2 + 1
+    assert (spec["input_size"], spec["resize"], spec["crop_fraction"]) == (image_size,) * 2 + (1.0,)
+    tokens = loaded.variables["params"]["embed"]["pos_embedding"].shape[1]
+    assert tokens == (image_size // 32) ** 2 + 1
     reference.assert_checkpoint_matches(loaded, ref, reference.imagenet_normalise, size=image_size)
