@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.zero_head = False  # zero the parameters that dont_load kept fresh
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "fashion_mnist"  # fashion_mnist, digits, or any TFDS dataset in array_record form
+    c.data.name = "fashion_mnist"  # fashion_mnist, digits, TFDS (array_record), folder:PATH
     c.data.idx_dir = DEBIAN_FASHION_MNIST
     c.data.tfds_dir = ""  # empty: TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     c.data.train_split = "train"
@@ -35,6 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 0  # resize to this on device; 0: the checkpoint's or the images' size
     c.data.mean = ml_collections.FieldReference(None, field_type=tuple)  # 0–255 scale
     c.data.std = ml_collections.FieldReference(None, field_type=tuple)
+    # Images of varying size or augmented: decoded and cropped on the host (research.pipeline).
+    c.data.workers = 0  # grain worker processes decoding and augmenting; 0: this process
+    c.data.augment = ""  # training crop: "" the evaluation's, "inception" random resized crop
+    c.data.crop_scale = (0.08, 1.0)  # inception crop: its share of the image's area
+    c.data.crop_ratio = (3 / 4, 4 / 3)  # inception crop: its range of aspect ratios
+    c.data.flip = 0.0  # probability of a horizontal flip in training
+    c.data.crop_fraction = 0.0  # eval centre crop / resized short side; 0: checkpoint's, else 1
+    c.data.test_fraction = 0.2  # image folder without a test/ folder: share of each class held out
+    c.data.vtab1k = ""  # "tune": 800 train, 200 validation examples; "final": 1000 train; "": off
 
     c.freeze = ml_collections.ConfigDict()
     c.freeze.depth = 0  # freeze the first n of model.blocks

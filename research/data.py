@@ -1,11 +1,16 @@
 """Datasets as TFDS array_record data sources, fed by grain.
 
 Fashion-MNIST (from its IDX files) and scikit-learn's digits have builders here; any other TFDS
-dataset prepared in array_record form is read by name through the same path. Class subsets and
-few-shot subsets are options of every dataset (``data.classes``, ``data.per_class``).
+dataset prepared in array_record form is read by name through the same path, and an image folder
+as ``folder:PATH`` (``research.pipeline``). Class subsets, few-shot subsets and VTAB-1k's splits
+are options of every dataset (``data.classes``, ``data.per_class``, ``data.vtab1k``).
 
-Batches are ``(images uint8 NHWC, labels int32)``; normalisation and resizing happen on the device
-(``research.preprocess``), so the host ships 4× fewer bytes.
+Batches are ``(images uint8 NHWC, labels int32)``. Images of one stored shape are batched as
+stored, and normalisation and resizing happen on the device (``research.preprocess``), so the
+host ships 4× fewer bytes. Images of varying size (image folders, TFDS image features of no
+fixed shape), or any with ``data.augment`` or ``data.flip`` set, are decoded, cropped and
+augmented on the host by the split's ``pipeline.Transform``, in ``data.workers`` grain worker
+processes.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
-from research import checksums
-from research.errors import DataError
+from research import checksums, pipeline
+from research.errors import ConfigError, DataError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
@@ -185,14 +191,34 @@ class Split:
     labels: np.ndarray  # relabelled labels of ``indices``
     num_classes: int
     image_key: str = "image"
+    class_names: tuple[str, ...] = ()  # of the relabelled classes, where the dataset names them
+    transform: pipeline.Transform | None = None  # None: images of one shape, batched as stored
+    workers: int = 0  # grain worker processes reading and transforming; 0: this process
 
     def __len__(self):
         return len(self.indices)
 
     def read_batch(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(images, labels)`` of the examples at ``positions``, in one read."""
+        """``(images, labels)`` of the examples at ``positions``, in one read (images through
+        the transform's evaluation path, if any)."""
         records = read_records(self.source, self.indices[positions])
-        return np.stack([r[self.image_key] for r in records]), self.labels[positions]
+        images = [r[self.image_key] for r in records]
+        if self.transform is not None:
+            images = [self.transform.eval(image) for image in images]
+        return np.stack(images), self.labels[positions]
+
+    def read_train_batch(self, seed: int, rows: np.ndarray, step: int,
+                         positions: np.ndarray) -> tuple:
+        """``rows`` of training batch ``step`` (of the examples at ``positions``): ``read_batch``,
+        augmented where the transform augments, row ``r``'s randomness drawn from
+        ``(seed, step, r)`` alone."""
+        positions = positions[rows]
+        if self.transform is None or not self.transform.augments:
+            return self.read_batch(positions)
+        records = read_records(self.source, self.indices[positions])
+        images = [self.transform.train(r[self.image_key], np.random.default_rng((seed, step, row)))
+                  for row, r in zip(rows, records)]
+        return np.stack(images), self.labels[positions]
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -200,7 +226,11 @@ class Split:
 
 
 def data_source(cfg, split: str):
-    """The data source of ``split`` of ``cfg.name`` (fashion_mnist, digits, or a TFDS name)."""
+    """The data source of ``split`` of ``cfg.name`` (fashion_mnist, digits, a TFDS name, or
+    ``folder:PATH``)."""
+    if cfg.name.startswith(pipeline.FOLDER_PREFIX):
+        return pipeline.folder_source(cfg.name[len(pipeline.FOLDER_PREFIX):], split,
+                                      float(cfg.get("test_fraction", 0.2)))
     return _data_source(cfg.name, cfg.get("tfds_dir") or None, cfg.get("idx_dir"), split)
 
 
@@ -265,21 +295,77 @@ def _read_labels(source, label_key: str, chunk: int) -> np.ndarray:
         for s in range(0, len(source), chunk)])
 
 
-def make_split(source, cfg, *, few_shot: bool, seed: int) -> Split:
-    """Restrict ``source`` to ``cfg.classes`` (relabelled 0..k-1) and, if ``few_shot``,
-    to ``cfg.per_class`` examples per class chosen by ``seed``."""
+def make_split(source, cfg, *, few_shot: bool, seed: int,
+               span: tuple[int, int] | None = None) -> Split:
+    """Restrict ``source`` to ``cfg.classes`` (relabelled 0..k-1), to the examples stored at
+    ``span`` (start, stop) if given and, if ``few_shot``, to ``cfg.per_class`` examples per
+    class chosen by ``seed``."""
     labels = all_labels(source, cfg.label_key)
-    classes = tuple(cfg.classes) if cfg.classes else tuple(range(int(labels.max()) + 1))
-    unknown = set(cfg.classes) - set(np.unique(labels).tolist())
+    names = _class_names(source, cfg.label_key)
+    known = list(range(len(names))) if names else np.unique(labels).tolist()
+    classes = tuple(cfg.classes) if cfg.classes else tuple(range(max(known) + 1))
+    unknown = set(cfg.classes) - set(known)
     if unknown:
         raise DataError(f"data.classes names classes {sorted(unknown)} that {cfg.name} does not "
-                        f"have; its labels are {sorted(np.unique(labels).tolist())}.")
+                        f"have; its labels are {sorted(known)}.")
     relabel = {c: i for i, c in enumerate(classes)}
     indices = np.flatnonzero(np.isin(labels, classes))
+    if span:
+        indices = indices[(indices >= span[0]) & (indices < span[1])]
     if few_shot and cfg.per_class:
         indices = _few_shot(indices, labels, cfg.per_class, seed)
     new_labels = np.array([relabel[int(labels[i])] for i in indices], np.int32)
-    return Split(source, indices, new_labels, len(classes), cfg.image_key)
+    return Split(source, indices, new_labels, len(classes), cfg.image_key,
+                 tuple(names[c] for c in classes) if names else (),
+                 _initial_transform(source, cfg), int(cfg.get("workers", 0)))
+
+
+def _class_names(source, label_key: str) -> tuple[str, ...]:
+    """Every class's name, by label: an image folder's subfolders, a TFDS ClassLabel's names;
+    () where the dataset names none."""
+    names = getattr(source, "class_names", None)
+    if names is None:
+        try:
+            names = source.dataset_info.features[label_key].names
+        except (AttributeError, KeyError, TypeError):
+            return ()
+    return tuple(str(n) for n in names or ())
+
+
+def _stored_image_shape(source, image_key: str) -> tuple:
+    """The images' shape as the dataset declares it (None where it varies)."""
+    if isinstance(source, pipeline.FolderSource):
+        return (None, None, 3)
+    try:
+        return tuple(source.dataset_info.features[image_key].shape)
+    except (AttributeError, KeyError, TypeError):
+        return np.shape(read_records(source, [0])[0][image_key])
+
+
+def _initial_transform(source, cfg) -> pipeline.Transform | None:
+    """None for images of one shape batched as stored; else a transform that only converts
+    them (size 0), until ``fit_pipeline`` knows the size and crop."""
+    shape = _stored_image_shape(source, cfg.image_key)
+    if None not in shape and not cfg.get("augment") and not cfg.get("flip"):
+        return None
+    return pipeline.Transform(0, 0, channels=shape[-1] or 3)
+
+
+def fit_pipeline(cfg, spec: dict, *splits: Split) -> tuple[Split, ...]:
+    """``splits`` with the transform of ``cfg.data`` and the preprocessing ``spec`` (the
+    weights' input size, crop and interpolation); splits batched as stored are unchanged."""
+    if splits[0].transform is None:
+        return splits
+    transform = pipeline.make_transform(cfg.data, spec, splits[0].transform.channels)
+    if not transform.size:
+        raise ConfigError(f"data.image_size=0, and no checkpoint gives an input size: the images "
+                          f"of {cfg.data.name} vary in size or are augmented, so set "
+                          "data.image_size to the size to crop them to.")
+    if transform.augments and cfg.freeze.get("cache_prefix"):
+        raise ConfigError("freeze.cache_prefix computes the frozen prefix once per example, "
+                          "which augmentation changes every step: turn data.augment and "
+                          "data.flip off, or freeze.cache_prefix off.")
+    return tuple(dataclasses.replace(split, transform=transform) for split in splits)
 
 
 def _few_shot(indices: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -294,33 +380,80 @@ def _few_shot(indices: np.ndarray, labels: np.ndarray, per_class: int, seed: int
     return np.sort(np.concatenate(chosen))
 
 
+# VTAB-1k: the first 800 stored training examples to train and the next 200 to validate
+# ("tune"), then all 1000 to train and the test split to test ("final").
+VTAB1K = {"tune": ((0, 800), (800, 1000)), "final": ((0, 1000), None)}
+
+
 def load_splits(cfg, seed: int) -> tuple[Split, Split]:
-    """The train split (few-shot if asked) and the full test split, both class-restricted."""
-    train = make_split(data_source(cfg, cfg.train_split), cfg, few_shot=True, seed=seed)
-    test = make_split(data_source(cfg, cfg.test_split), cfg, few_shot=False, seed=seed)
+    """The train split (few-shot if asked) and the full test split, both class-restricted,
+    or VTAB-1k's (``cfg.vtab1k``)."""
+    train_source = _nonempty(data_source(cfg, cfg.train_split), cfg, cfg.train_split)
+    spans = _vtab1k_spans(cfg, train_source)
+    test_source = (train_source if spans[1] else
+                   _nonempty(data_source(cfg, cfg.test_split), cfg, cfg.test_split))
+    train = make_split(train_source, cfg, few_shot=True, seed=seed, span=spans[0])
+    test = make_split(test_source, cfg, few_shot=False, seed=seed, span=spans[1])
+    for split, name in ((train, cfg.train_split), (test, cfg.test_split)):
+        _nonempty(split, cfg, name)
     return train, test
 
 
-def train_dataset(split: Split, batch_size: int, seed: int) -> grain.MapDataset:
-    """Endless shuffled batches; batch ``k`` is a function of ``seed`` and ``k`` alone.
+def _nonempty(examples, cfg, split: str):
+    if not len(examples):
+        raise DataError(f"split {split!r} of {cfg.name} has no examples"
+                        f"{f' of data.classes={tuple(cfg.classes)}' if cfg.classes else ''}: "
+                        "choose another split or classes, or add examples.")
+    return examples
+
+
+def _vtab1k_spans(cfg, source) -> tuple:
+    vtab = cfg.get("vtab1k", "")
+    if not vtab:
+        return None, None
+    if vtab not in VTAB1K:
+        raise ConfigError(f"data.vtab1k={vtab!r}; use 'tune' (800 train, 200 validation), "
+                          "'final' (1000 train, the test split) or '' (off).")
+    if len(source) < 1000:
+        raise DataError(f"data.vtab1k: split {cfg.train_split!r} of {cfg.name} has {len(source)} "
+                        "examples, and VTAB-1k takes its first 1000: choose a larger "
+                        "data.train_split or set data.vtab1k=''.")
+    return VTAB1K[vtab]
+
+
+def train_dataset(split: Split, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """Endless shuffled batches, this process's rows of each (``process_rows``), read and
+    transformed alone; batch ``k`` is a function of ``seed`` and ``k`` alone.
 
     Each epoch is a fresh permutation; the last incomplete batch of an epoch is dropped.
     """
     if len(split) < batch_size:
         raise DataError(f"the training split has {len(split)} examples, fewer than one batch of "
                         f"{batch_size}: lower train.batch_size.")
+    rows = process_rows((np.arange(batch_size),), process_index, process_count)[0]
     return (grain.MapDataset.range(len(split)).shuffle(seed=seed)
-            .batch(batch_size, drop_remainder=True).repeat().map(split.read_batch))
+            .batch(batch_size, drop_remainder=True).repeat()
+            .map_with_index(functools.partial(split.read_train_batch, seed, rows)))
 
 
 def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   prefetch_threads: int = 2) -> Iterator:
     """Batches from step ``start_step`` on; each process reads its own slice of every batch."""
-    ds = train_dataset(split, batch_size * process_count, seed)[start_step:]
-    ds = ds.map(lambda b: process_rows(b, process_index, process_count))
+    ds = train_dataset(split, batch_size * process_count, seed, process_index,
+                       process_count)[start_step:]
     read = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=4)
-    return iter(ds.to_iter_dataset(read))
+    return iter(_in_workers(ds.to_iter_dataset(read), split.workers))
+
+
+def _in_workers(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """``ds`` read in ``workers`` grain worker processes (in order), or in this one."""
+    if not workers:
+        return ds
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which a library never parses
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def process_rows(arrays, process_index: int, process_count: int) -> tuple:
@@ -331,7 +464,8 @@ def process_rows(arrays, process_index: int, process_count: int) -> tuple:
 def eval_batches(split: Split, batch_size: int) -> Iterator:
     """Every example once, in order: ``(images, labels, mask)``, the last batch padded."""
     ds = grain.MapDataset.range(len(split)).batch(batch_size).map(split.read_batch)
-    for images, labels in ds.to_iter_dataset(grain.ReadOptions(num_threads=2)):
+    for images, labels in _in_workers(ds.to_iter_dataset(grain.ReadOptions(num_threads=2)),
+                                      split.workers):
         n = len(labels)
         mask = np.arange(batch_size) < n
         if n < batch_size:

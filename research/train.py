@@ -75,7 +75,8 @@ class Experiment:
 
     def meta(self) -> dict:
         return dict(model=self.model_meta, preprocess=self.preprocess_spec,
-                    config=self.cfg.to_dict(), num_classes=self.train_split.num_classes)
+                    config=self.cfg.to_dict(), num_classes=self.train_split.num_classes,
+                    class_names=list(self.train_split.class_names))
 
 
 def build(cfg) -> Experiment:
@@ -86,6 +87,7 @@ def build(cfg) -> Experiment:
     _check_precision_and_accumulation(cfg.train, mesh)
     train_split, test_split = data.load_splits(cfg.data, seed=cfg.train.seed)
     model, variables, model_meta, spec = _model_and_variables(cfg, train_split)
+    train_split, test_split = data.fit_pipeline(cfg, spec, train_split, test_split)
     plan = freeze.resolve(cfg.freeze, model, variables["params"])
     steps_per_epoch = len(train_split) // global_batch
     if steps_per_epoch == 0:

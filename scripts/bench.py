@@ -3,6 +3,7 @@
     python -m scripts.bench                      # the five models, batch 16, 224², fp32
     python -m scripts.bench --quick              # a short run (small images, few steps)
     python -m scripts.bench --models resnet18 --steps 20 --out runs/bench
+    python -m scripts.bench --pipeline           # decoding and augmenting 224² JPEGs only
 
 Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
 settings are its own, and the measurements run one at a time. Where two sides are compared
@@ -170,6 +171,53 @@ def ours_pipeline(dataset: str, batch: int, steps: int) -> dict:
     return dict(img_s=batch / seconds, peak_mb=peak_mb())
 
 
+JPEG_WORKERS = (0, 1, 2)  # the --pipeline mode's data.workers
+
+
+def ours_jpeg_pipeline(workers: int, batch: int, steps: int, size: int = 224) -> dict:
+    """Training batches from a folder of ``size``² JPEGs: decoded, inception-cropped, flipped
+    and batched in ``workers`` grain processes (``configs/finetune.py``'s augmentation)."""
+    import numpy as np
+    from PIL import Image
+
+    from research import config, data
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="transferlab-bench-jpegs-") as folder:
+        for k in range(2 * batch):  # smooth random photographs, compressed as cameras do
+            image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8))
+            (Path(folder) / str(k % 2)).mkdir(exist_ok=True)
+            image.resize((size, size), Image.Resampling.BICUBIC).save(
+                Path(folder) / str(k % 2) / f"{k}.jpg", quality=90)
+        cfg = config.load(f"{Path(__file__).parents[1] / 'configs' / 'finetune.py'}:"
+                          f"checkpoint=none,folder={folder},data.workers={workers},"
+                          f"data.image_size={size},data.test_fraction=0.5")
+        split, _ = data.fit_pipeline(cfg, {}, *data.load_splits(cfg.data, seed=0))
+        batches = data.train_batches(split, batch, seed=0)
+        for _ in range(3):  # the workers started and their buffers filled
+            next(batches)
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):  # the whole run: workers deliver in bursts, which a median
+            next(batches)  # call (``timed``) would count as their rate
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    # Per CPU-second of this process, whose threads do all the work without workers: the
+    # rate of one core, whatever a shared machine's neighbours take.
+    per_core = batch * steps / cpu if workers == 0 else None
+    return dict(img_s=batch * steps / seconds, img_s_per_core=per_core, peak_mb=peak_mb())
+
+
+def pipeline_run(batch: int, steps: int, records: list[dict], log=print) -> None:
+    """``--pipeline``: img/s of ``ours_jpeg_pipeline`` with each of ``JPEG_WORKERS``, and
+    (without workers) per core."""
+    for workers in JPEG_WORKERS:
+        result = measure("ours_jpeg_pipeline", workers=workers, batch=batch, steps=steps * 5)
+        per_core = result["img_s_per_core"]
+        records.append(dict(model="jpeg 224²", what=f"input pipeline, {workers} workers",
+                            ours=result["img_s"], peer=None, unit="img/s", ratio=None,
+                            **({"img_s_per_core": per_core} if per_core else {})))
+        log(f"jpeg 224² pipeline, {workers} workers: {result['img_s']:.1f} img/s"
+            + (f" ({per_core:.1f} per core)" if per_core else ""))
+
+
 # --- PyTorch eager -------------------------------------------------------------------------
 
 def torch_model(model: str):
@@ -210,7 +258,8 @@ def peer_inference(model: str, batch: int, size: int, steps: int) -> dict:
 
 
 MEASURES = {"ours_train": ours_train, "ours_inference": ours_inference,
-            "ours_pipeline": ours_pipeline, "ours_matmul": ours_matmul, "peer_train": peer_train,
+            "ours_pipeline": ours_pipeline, "ours_jpeg_pipeline": ours_jpeg_pipeline,
+            "ours_matmul": ours_matmul, "peer_train": peer_train,
             "peer_inference": peer_inference, "peer_matmul": peer_matmul}
 
 
@@ -427,6 +476,8 @@ def main():
                         help="fresh processes of each compared pair this many times: img/s are "
                              "the rounds' medians, the ratio the median of their ratios")
     parser.add_argument("--quick", action="store_true", help="resnet18 only, 32² images, 2 steps")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="only the input pipeline on 224² JPEGs, with 0, 1 and 2 workers")
     parser.add_argument("--out", default=".")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -440,8 +491,11 @@ def main():
     check_arguments(names, args.freeze_model, args.rounds)
     env, records = environment(), []
     try:
-        run(names, args.batch, args.size, args.steps, args.freeze_model or None, args.rounds,
-            records)
+        if args.pipeline:
+            pipeline_run(args.batch, args.steps, records)
+        else:
+            run(names, args.batch, args.size, args.steps, args.freeze_model or None,
+                args.rounds, records)
     finally:  # what was measured before a failure is kept
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,14 @@ ARCHS = ("googlenet", "inception_v3")
 
 OPTIONS = {arch: {"transform_input": True} for arch in ARCHS}
 
+
+def options_of(arch: str, weights: dict) -> dict:
+    """An Inception v3 state dict saved with ``aux_logits=False`` (no ``AuxLogits.*``) converts
+    to a model without the auxiliary head (``aux_logits=False`` in the checkpoint's options)."""
+    if arch == "inception_v3" and not any(k.startswith("AuxLogits.") for k in weights):
+        return {"aux_logits": False}
+    return {}
+
 _STEM_CONVS = {
     "googlenet": ("conv1", "conv2", "conv3"),
     "inception_v3": ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import models
@@ -17,6 +19,17 @@ def _heads(width: int) -> int:
     """Heads of our model of this width; no model has another width, so for one the single
     head gives a layout that ``fit_to`` reports as mis-shaped."""
     return _HEADS.get(width, 1)
+
+
+def input_size_of(arch: str, weights: dict) -> int:
+    """The image size the position embedding was learned at (its g×g patch grid × the patch
+    size): 384 for torchvision's ``vit_b_16`` SWAG weights, 224 for its ImageNet-1k ones."""
+    embedding = weights.get("encoder.pos_embedding")
+    if embedding is None:  # not a ViT's state dict: fit_to lists what is missing
+        return models.model_info(arch).input_size
+    grid = math.isqrt(embedding.shape[1] - 1)
+    return grid * models.model_info(arch).factory.keywords["patch_size"]
+
 
 _RULES = (
     (r"^class_token$", "embed.cls_token"),

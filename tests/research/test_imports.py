@@ -16,6 +16,7 @@ LAYERS = (
     ("models.*",),
     ("research", "research.errors", "research.tree", "research.checksums"),
     ("research.config",),
+    ("research.pipeline",),
     ("research.data",),
     ("research.preprocess", "research.checkpoints", "research.pretrained", "research.convert.*"),
     ("research.freeze",),

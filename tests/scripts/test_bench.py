@@ -85,3 +85,9 @@ def test_a_measurement_runs_with_and_without_the_process_settings():
     from scripts import bench
     for glibc_defaults in (False, True):
         assert bench.measure("ours_matmul", glibc_defaults, steps=1)["gflop_s"] > 0
+
+
+def test_jpeg_pipeline_measures_decoded_augmented_batches():
+    from scripts import bench
+    result = bench.ours_jpeg_pipeline(workers=0, batch=4, steps=2, size=64)
+    assert result["img_s"] > 0 and result["img_s_per_core"] > 0 and result["peak_mb"] > 0
