@@ -67,3 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1: all
     return c
+
+
+def sweep_config() -> ml_collections.ConfigDict:
+    """A sweep's section (research.ablate): its grid points, seeds and plot."""
+    c = ml_collections.ConfigDict()
+    c.grid = ()  # points: dicts of dotted config keys (and labels, keys without a dot) → values
+    c.seeds = (0,)  # every point runs once per seed (train.seed)
+    c.x = "freeze_depth"  # the plot's x axis: a results.csv column
+    c.lines = ("regime",)  # the columns whose values tell the plot's lines apart
+    c.show = ()  # the lines the plot draws (their labels); empty: all
+    return c

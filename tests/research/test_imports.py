@@ -23,6 +23,7 @@ LAYERS = (
     ("research.sharding",),
     ("research.prefix_cache",),
     ("research.train",),
+    ("research.summary",),
     ("research.ablate",),
     ("scripts.*", "configs.*"),
 )
