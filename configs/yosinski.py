@@ -5,7 +5,7 @@ Fashion-MNIST's classes 0–4 and 5–9, each half's whole training set). baseA 
 from scratch on their half. For n = 1 … L−1 (L the model's blocks, the head last): BnB copies
 the first n blocks of baseB, freezes them, re-initialises the blocks above (``init.dont_load``
 over ``model.blocks``) and trains on B; BnB+ fine-tunes the copied blocks instead; AnB and AnB+
-do the same from baseA. Every run of seed s starts from the base network of seed s. The plot,
+do the same from baseA (variant ``ns``: the n to run, by default all). Every run of seed s starts from the base network of seed s. The plot,
 accuracy_vs_n.png, is laid out like the paper's Figure 2: test accuracy on B against n, a line
 for baseB (at n = 0), BnB, BnB+, AnB and AnB+.
 
@@ -36,7 +36,7 @@ from research.errors import ConfigError
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, a=(0, 1, 2, 3, 4), b=(5, 6, 7, 8, 9), seeds=3, reduced=False)
+    arg = parse_arg(arg, a=(0, 1, 2, 3, 4), b=(5, 6, 7, 8, 9), ns=(), seeds=3, reduced=False)
     a, b = tuple(arg.a), tuple(arg.b)
     shared = sorted(set(a) & set(b))
     if shared or not a or not b:
@@ -58,25 +58,25 @@ def get_config(arg=None):
     if arg.reduced:
         c.transfer.data.per_class = 20
         c.transfer.train.epochs = 3.0
-        c.transfer.train.batch_size = 20
+        c.transfer.train.batch_size = 16
         c.transfer.optim.lr = 0.05
         c.transfer.train.progress = False
 
     blocks = models.create(c.transfer.model.name, num_classes=2).blocks
     c.sweep = sweep_config()
-    c.sweep.grid = grid(blocks, a, b)
+    c.sweep.grid = grid(blocks, a, b, tuple(arg.ns) or tuple(range(1, len(blocks))))
     c.sweep.seeds = tuple(range(1 if arg.reduced else arg.seeds))
     c.sweep.x = "n"
     c.sweep.show = ("baseB", "BnB", "BnB+", "AnB", "AnB+")  # baseA is tested on A
     return c
 
 
-def grid(blocks, a, b) -> tuple[dict, ...]:
-    """baseA, baseB, then for each n: BnB, BnB+, AnB, AnB+ (all tested on B)."""
+def grid(blocks, a, b, ns) -> tuple[dict, ...]:
+    """baseA, baseB, then for each n of ``ns``: BnB, BnB+, AnB, AnB+ (all tested on B)."""
     base = {name: {"regime": name, "n": 0, "data.classes": half, "init.checkpoint": ""}
             for name, half in (("baseA", a), ("baseB", b))}
     points = [base["baseA"], base["baseB"]]
-    for n in range(1, len(blocks)):
+    for n in ns:
         for source in ("B", "A"):
             for fine_tune in (False, True):
                 points.append({
