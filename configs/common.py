@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"
     c.data.classes = ()  # a subset of the labels, relabelled 0..k-1; empty: all
     c.data.per_class = 0  # few-shot: training examples per class, chosen by train.seed; 0: all
+    c.data.holdout = 0.0  # a fraction of the training examples held out as the test split; 0: none
     c.data.image_size = 0  # resize to this on device; 0: the checkpoint's or the images' size
     c.data.mean = ml_collections.FieldReference(None, field_type=tuple)  # 0–255 scale
     c.data.std = ml_collections.FieldReference(None, field_type=tuple)
@@ -77,4 +78,5 @@ def sweep_config() -> ml_collections.ConfigDict:
     c.x = "freeze_depth"  # the plot's x axis: a results.csv column
     c.lines = ("regime",)  # the columns whose values tell the plot's lines apart
     c.show = ()  # the lines the plot draws (their labels); empty: all
+    c.holdout = 0.2  # the validation fraction of the training examples for a point's "choose"
     return c

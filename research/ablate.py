@@ -14,7 +14,9 @@ its labels, its numbers and the seed: a finished run (``result.json``) is read b
 interrupted one resumes from its checkpoint. ``init.checkpoint`` may say ``{pretrain}`` (the
 pretrained checkpoint), ``{runs}`` (``<workdir>/runs``) and ``{seed}``, so that a run starts from
 another of the same sweep listed before it (Yosinski's AnB from baseA). A run with
-``freeze.cache_prefix`` and nothing frozen trains without it.
+``freeze.cache_prefix`` and nothing frozen trains without it. A point's ``choose`` (dotted key →
+candidate values) picks each value by accuracy on a validation split held out of the training
+examples (``sweep.holdout``; ``choose``), then trains with it: Kornblith's L2 strength.
 
 Every run is checked before any trains: unknown keys, an empty grid, a freeze depth beyond the
 model's blocks, classes a dataset lacks. Runs compile through JAX's persistent compilation
@@ -115,6 +117,9 @@ def check(cfg, runs: list[Run], workdir: Path) -> None:
     for run in runs:
         try:
             c = run_config(cfg, run, workdir)
+            for key, values in run.labels.get("choose", {}).items():
+                for value in values:
+                    config.override(copy.deepcopy(c), key, value)
         except ConfigError as e:
             raise ConfigError(f"sweep run {run.name}: {e}") from None
         name = c.model.name or ("pretrain" in cfg and cfg.pretrain.model.name)
@@ -202,11 +207,42 @@ def _run_once(cfg, run: Run, workdir: Path) -> dict:
     if source and source.parent == workdir / "runs" and not (source / RESULT).is_file():
         raise ConfigError(f"run {run.name} starts from run {source.name}, which has not "
                           f"finished: run --only {source.name} first.")
+    chosen = choose(c, run.labels.get("choose", {}), directory, cfg.sweep.holdout)
+    for key, value in chosen.items():
+        config.override(c, key, value)
+    return _trained(c, directory, {f"chosen {k}": v for k, v in chosen.items()})
+
+
+def choose(c, candidates: dict, directory: Path, holdout: float) -> dict:
+    """For each key of ``candidates`` (a point's ``choose``: dotted key → values, in turn),
+    the value whose run on a validation split held out of the training examples
+    (``data.holdout = holdout``) reaches the best accuracy, the first of a tie; the candidates
+    run in ``directory/choose/<key><value>`` (finished ones are read back)."""
+    chosen = {}
+    for key, values in candidates.items():
+        accuracies = []
+        for value in values:
+            trial = copy.deepcopy(c)
+            for k, v in {**chosen, key: value}.items():
+                config.override(trial, k, v)
+            trial.data.holdout = holdout
+            trial.name = f"{c.name} {key}={value}"
+            path = directory / "choose" / f"{key.rpartition('.')[2]}{value}"
+            done = path / RESULT
+            result = (json.loads(done.read_text()) if done.is_file()
+                      else _trained(trial, path, {}))
+            accuracies.append(result["test_accuracy"])
+        chosen[key] = values[accuracies.index(max(accuracies))]
+    return chosen
+
+
+def _trained(c, directory: Path, extra: dict) -> dict:
+    """``c`` trained in ``directory``; its result (with ``extra``) written to result.json."""
     result = train.train_and_evaluate(c, directory)
     finished = dict(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"],
                     trainable_params=result["trainable_params"], n_train=result["n_train"],
                     freeze_depth=c.freeze.depth, train_seconds=result["seconds"],
-                    compile_seconds=result["compile_seconds"])
+                    compile_seconds=result["compile_seconds"], **extra)
     _write_result(directory, finished)
     return finished
 

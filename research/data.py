@@ -267,10 +267,30 @@ def _few_shot(indices: np.ndarray, labels: np.ndarray, per_class: int, seed: int
 
 
 def load_splits(cfg, seed: int) -> tuple[Split, Split]:
-    """The train split (few-shot if asked) and the full test split, both class-restricted."""
+    """The train split (few-shot if asked) and the full test split, both class-restricted;
+    with ``data.holdout``, the test split is a validation split held out of the training one."""
     train = make_split(data_source(cfg, cfg.train_split), cfg, few_shot=True, seed=seed)
+    if cfg.get("holdout"):
+        return hold_out(train, cfg.holdout, seed)
     test = make_split(data_source(cfg, cfg.test_split), cfg, few_shot=False, seed=seed)
     return train, test
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """``split`` divided into training examples and a validation split of ``fraction`` of
+    them (``data.holdout``), stratified by class and chosen by ``seed`` (scikit-learn's
+    ``train_test_split``)."""
+    from sklearn.model_selection import train_test_split
+    try:
+        kept, held = train_test_split(np.arange(len(split)), test_size=fraction,
+                                      random_state=seed, stratify=split.labels)
+    except ValueError as e:
+        raise DataError(f"data.holdout={fraction} cannot hold out a validation split of "
+                        f"every class from {len(split)} training examples ({e}): hold out "
+                        "more, or train on more examples.") from None
+    part = lambda rows: dataclasses.replace(split, indices=split.indices[np.sort(rows)],
+                                            labels=split.labels[np.sort(rows)])
+    return part(kept), part(held)
 
 
 def train_dataset(split: Split, batch_size: int, seed: int) -> grain.MapDataset:

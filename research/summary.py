@@ -27,7 +27,9 @@ def row(name: str, seed: int, labels: dict, result: dict) -> dict:
     """A results.csv row: the run's name and seed, its point's keys, what it measured."""
     measured = {k: round(result[k], ROUNDING[k]) if k in ROUNDING else result[k]
                 for k in MEASURED}
-    return {"run": name, "seed": seed, **{k: _cell(v) for k, v in labels.items()}, **measured}
+    chosen = {k: v for k, v in result.items() if k.startswith("chosen ")}
+    return {"run": name, "seed": seed, **{k: _cell(v) for k, v in labels.items()}, **chosen,
+            **measured}
 
 
 def _cell(value):
