@@ -227,3 +227,37 @@ def test_summary_has_students_t_intervals_over_seeds(tmp_path):
     assert f"{mean:.4f} ± {std:.4f} [{low:.4f}, {high:.4f}]" in table
     assert len(read_csv(tmp_path / "results.csv")) == 4
     assert (tmp_path / "accuracy_vs_freeze_depth.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_kornblith_compares_logistic_regression_fine_tuning_and_scratch(tfds_dir, tmp_path):
+    cfg = config.load(f"{ROOT}/configs/kornblith.py:reduced=True,"
+                      f"pretrain.data.tfds_dir={tfds_dir},transfer.data.tfds_dir={tfds_dir}")
+    ablate.run_sweep(cfg, tmp_path)
+    rows = {r["regime"]: r for r in read_csv(tmp_path / "results.csv")}
+    assert list(rows) == ["logistic", "finetune", "scratch"]
+    assert {int(r["n_train"]) for r in rows.values()} == {100}
+    assert int(rows["logistic"]["trainable_params"]) == 64 * 10 + 10  # the head alone
+    assert int(rows["finetune"]["trainable_params"]) == int(rows["scratch"]["trainable_params"])
+    trials = sorted((tmp_path / "runs" / rows["logistic"]["run"] / "choose").iterdir())
+    validation = [json.loads((t / ablate.RESULT).read_text()) for t in trials]
+    assert [t.name for t in trials] == ["weight_decay0.0", "weight_decay0.01"]
+    assert all(v["n_train"] == 80 for v in validation)  # a fifth held out for validation
+    best = max(validation, key=lambda v: v["test_accuracy"])
+    assert float(rows["logistic"]["chosen optim.weight_decay"]) == float(
+        trials[validation.index(best)].name.removeprefix("weight_decay"))
+    assert (tmp_path / "accuracy_vs_n_train.png").is_file()
+
+
+def test_holdout_is_a_stratified_validation_split_of_the_training_examples(make_config):
+    from research import data
+    cfg = make_config("fashion_mnist.py", "data.name='digits',data.per_class=10,data.holdout=0.2")
+    train_split, validation = data.load_splits(cfg.data, seed=0)
+    whole, _ = data.load_splits(make_config("fashion_mnist.py",
+                                            "data.name='digits',data.per_class=10").data, seed=0)
+    assert (len(train_split), len(validation)) == (80, 20)
+    assert sorted([*train_split.indices, *validation.indices]) == sorted(whole.indices)
+    assert np.bincount(validation.labels).tolist() == [2] * 10
+    cfg.data.per_class = 1
+    with pytest.raises(DataError, match="data.holdout=0.2 cannot hold out"):
+        data.load_splits(cfg.data, seed=0)
