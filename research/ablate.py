@@ -72,13 +72,14 @@ class Run:
         return f"{self.point_name}_seed{self.seed}"
 
     @property
-    def labels(self) -> dict:
+    def settings(self) -> dict:
+        """The point as a dict: dotted keys and labels."""
         return dict(self.point)
 
 
 def plan_runs(cfg) -> list[Run]:
-    """The sweep's runs, point by point, each point's seeds together; refuses an empty grid,
-    a point without keys and two points of the same name."""
+    """The sweep's runs, point by point, each point's seeds together; refuses an empty grid
+    and two points of the same name."""
     grid, seeds = tuple(cfg.sweep.grid), tuple(cfg.sweep.seeds)
     if not grid or not seeds:
         raise ConfigError(f"the sweep is empty ({len(grid)} grid points × {len(seeds)} seeds): "
@@ -101,12 +102,12 @@ def run_config(cfg, run: Run, workdir: Path):
         if "." in key:
             config.override(c, key, value)
     c.init.checkpoint = c.init.checkpoint.format(
-        pretrain=pretrained_dir(cfg, workdir), runs=workdir / "runs", seed=run.seed)
+        pretrain=_pretrained_dir(cfg, workdir), runs=workdir / "runs", seed=run.seed)
     c.freeze.cache_prefix = bool(c.freeze.get("cache_prefix", False) and c.freeze.depth > 0)
     return c
 
 
-def pretrained_dir(cfg, workdir: Path) -> str:
+def _pretrained_dir(cfg, workdir: Path) -> str:
     if "pretrain" not in cfg:
         return ""
     return str(cfg.pretrain.init.checkpoint or workdir / "pretrain")
@@ -117,7 +118,7 @@ def check(cfg, runs: list[Run], workdir: Path) -> None:
     for run in runs:
         try:
             c = run_config(cfg, run, workdir)
-            for key, values in run.labels.get("choose", {}).items():
+            for key, values in run.settings.get("choose", {}).items():
                 for value in values:
                     config.override(copy.deepcopy(c), key, value)
         except ConfigError as e:
@@ -130,6 +131,9 @@ def check(cfg, runs: list[Run], workdir: Path) -> None:
                     f"sweep run {run.name}: freeze.depth={c.freeze.depth} is beyond {name}'s "
                     f"{len(blocks)} blocks ({', '.join(blocks)}): use 0 … {len(blocks) - 1}.")
         data.load_splits(c.data, seed=run.seed)
+        if "choose" in run.settings:  # and its validation split
+            c.data.holdout = cfg.sweep.holdout
+            data.load_splits(c.data, seed=run.seed)
 
 
 def run_sweep(cfg, workdir: str | Path, only: str | None = None) -> list[dict]:
@@ -165,7 +169,7 @@ def _pretrains(cfg, runs: list[Run]) -> bool:
     """Whether a run starts from ``{pretrain}`` and the sweep trains it."""
     if "pretrain" not in cfg or cfg.pretrain.init.checkpoint:
         return False
-    return any("{pretrain}" in str(run.labels.get("init.checkpoint",
+    return any("{pretrain}" in str(run.settings.get("init.checkpoint",
                                                   cfg.transfer.init.checkpoint))
                for run in runs)
 
@@ -207,7 +211,7 @@ def _run_once(cfg, run: Run, workdir: Path) -> dict:
     if source and source.parent == workdir / "runs" and not (source / RESULT).is_file():
         raise ConfigError(f"run {run.name} starts from run {source.name}, which has not "
                           f"finished: run --only {source.name} first.")
-    chosen = choose(c, run.labels.get("choose", {}), directory, cfg.sweep.holdout)
+    chosen = choose(c, run.settings.get("choose", {}), directory, cfg.sweep.holdout)
     for key, value in chosen.items():
         config.override(c, key, value)
     return _trained(c, directory, {f"chosen {k}": v for k, v in chosen.items()})
@@ -260,7 +264,7 @@ def collect(cfg, workdir: str | Path) -> list[dict]:
     for run in plan_runs(cfg):
         done = workdir / "runs" / run.name / RESULT
         if done.is_file():
-            rows.append(summary.row(run.name, run.seed, run.labels, json.loads(done.read_text())))
+            rows.append(summary.row(run.name, run.seed, run.settings, json.loads(done.read_text())))
     if jax.process_index() == 0 and rows:
         table = summary.write(rows, workdir, x=cfg.sweep.x, lines=tuple(cfg.sweep.lines),
                               show=tuple(cfg.sweep.show))
