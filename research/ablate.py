@@ -269,6 +269,8 @@ def collect(cfg, workdir: str | Path) -> list[dict]:
         table = summary.write(rows, workdir, x=cfg.sweep.x, lines=tuple(cfg.sweep.lines),
                               show=tuple(cfg.sweep.show))
         print(table)
+    elif jax.process_index() == 0:
+        print(f"no run of the sweep has finished in {workdir / 'runs'} yet.")
     return rows
 
 
