@@ -97,7 +97,7 @@ def write(rows: list[dict], workdir: Path, x: str = "freeze_depth",
     _write_csv(workdir / "summary.csv", points, list(points[0]))
     table = markdown(points)
     (workdir / "summary.md").write_text(table)
-    plot(points, workdir / f"accuracy_vs_{x}.png", x, lines, show)
+    plot(points, rows, workdir / f"accuracy_vs_{x}.png", x, lines, show)
     return table
 
 
@@ -108,20 +108,20 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         writer.writerows(rows)
 
 
-def plot(points: list[dict], path: Path, x: str, lines: tuple[str, ...],
+def plot(points: list[dict], rows: list[dict], path: Path, x: str, lines: tuple[str, ...],
          show: tuple[str, ...] = ()) -> None:
     """Mean test accuracy against ``x``, a line per value of the ``lines`` columns (those
     labelled in ``show``, or all), 95% intervals as error bars (a line measured at one x only is
-    drawn as a marker)."""
+    drawn as a marker), and every run as a dot of its line's colour (Yosinski et al.'s Figure 2
+    draws its networks so)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups: dict[str, list[dict]] = {}
     for p in points:
-        label = ", ".join(str(p.get(k, "")) for k in lines if p.get(k, "") != "") or "runs"
-        if not show or label in show:
-            groups.setdefault(label, []).append(p)
+        if not show or _line(p, lines) in show:
+            groups.setdefault(_line(p, lines), []).append(p)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, members in groups.items():
         xs = sorted({float(m[x]) for m in members})
@@ -129,8 +129,14 @@ def plot(points: list[dict], path: Path, x: str, lines: tuple[str, ...],
                  for v in xs]
         errors = [np.nan_to_num(np.mean([m["test_accuracy_ci95_high"] - m["test_accuracy_mean"]
                                          for m in members if float(m[x]) == v])) for v in xs]
-        ax.errorbar(xs, means, yerr=errors, marker="o" if len(xs) > 1 else "s",
-                    linestyle="-" if len(xs) > 1 else "none", capsize=3, label=label)
+        drawn = ax.errorbar(xs, means, yerr=errors, marker="o" if len(xs) > 1 else "s",
+                            linestyle="-" if len(xs) > 1 else "none", capsize=3, label=label)
+        runs = [r for r in rows if _line(r, lines) == label]
+        ax.scatter([float(r[x]) for r in runs], [r["test_accuracy"] for r in runs], s=8,
+                   alpha=0.5, color=drawn.lines[0].get_color())
+    ticks = sorted({float(p[x]) for members in groups.values() for p in members})
+    if len(ticks) <= 12 and all(t.is_integer() for t in ticks):
+        ax.set_xticks(ticks)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
@@ -138,3 +144,8 @@ def plot(points: list[dict], path: Path, x: str, lines: tuple[str, ...],
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _line(record: dict, lines: tuple[str, ...]) -> str:
+    """The plot line of a run or grid point: its values of the ``lines`` columns."""
+    return ", ".join(str(record[k]) for k in lines if record.get(k, "") != "") or "runs"
