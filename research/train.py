@@ -3,7 +3,7 @@
 The batch is sharded over the mesh's ``data`` axis and the state replicated
 (``research.sharding``). A run resumes from the latest checkpoint in its workdir; the batch at
 step k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted
-one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
+one, with the same metrics.jsonl (its records also written as TensorBoard event files). With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
 (``research.prefix_cache``).
 """
 
@@ -247,7 +247,8 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint) and evaluate.
 
     ``stop_after`` ends the run after that many steps in total, as an interruption would.
-    Returns the final metrics, the trainable parameter count and the seconds spent.
+    Returns the final metrics, the trainable parameter count, the seconds spent and those of
+    compiling the train step (``compile_seconds``; 0 if the run had no step left).
     """
     start = time.perf_counter()
     exp = build(cfg)
@@ -290,7 +291,8 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     mngr.close()
     final = history[-1] if history else _epoch_record(exp, state, step, [], eval_step)
     return dict(final, trainable_params=exp.trainable_params, n_train=len(exp.train_split),
-                seconds=time.perf_counter() - start, compile_seconds=compile_seconds or 0.0, state=state)
+                seconds=time.perf_counter() - start, compile_seconds=compile_seconds or 0.0,
+                state=state)
 
 
 def _compiled(step_fn, *args) -> tuple[Callable, float]:
