@@ -5,9 +5,10 @@ Fashion-MNIST's classes 0–4 and 5–9, each half's whole training set). baseA 
 from scratch on their half. For n = 1 … L−1 (L the model's blocks, the head last): BnB copies
 the first n blocks of baseB, freezes them, re-initialises the blocks above (``init.dont_load``
 over ``model.blocks``) and trains on B; BnB+ fine-tunes the copied blocks instead; AnB and AnB+
-do the same from baseA (variant ``ns``: the n to run, by default all). Every run of seed s starts from the base network of seed s. The plot,
-accuracy_vs_n.png, is laid out like the paper's Figure 2: test accuracy on B against n, a line
-for baseB (at n = 0), BnB, BnB+, AnB and AnB+.
+do the same from baseA (variant ``ns``: the n to run, by default all). Every run of seed s
+starts from the base network of seed s. The plot, accuracy_vs_n.png, is laid out like the
+paper's Figure 2: test accuracy on B against n, every network a dot and a line through the
+means for baseB (at n = 0), BnB, BnB+, AnB and AnB+.
 
     python -m scripts.ablate --config configs/yosinski.py --workdir runs/yosinski
     python -m scripts.ablate --config "configs/yosinski.py:seeds=5,a=(0,2,4,6,8),b=(1,3,5,7,9)" \\

@@ -3,7 +3,8 @@
 The batch is sharded over the mesh's ``data`` axis and the state replicated
 (``research.sharding``). A run resumes from the latest checkpoint in its workdir; the batch at
 step k depends only on the seed and k, so a resumed run ends bit-identical to an uninterrupted
-one, with the same metrics.jsonl (its records also written as TensorBoard event files). With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
+one, with the same metrics.jsonl (its records also written as TensorBoard event files). With
+``freeze.cache_prefix`` it trains on the frozen prefix's cached output
 (``research.prefix_cache``).
 """
 
