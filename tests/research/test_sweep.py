@@ -171,7 +171,8 @@ def test_grids_are_products_of_dotted_keys_and_every_point_runs_per_seed():
                                           "lr0.1_depth2_seed3"]
     c = ablate.run_config(cfg, runs[3], Path("/w"))
     assert (c.optim.lr, c.freeze.depth, c.train.seed) == (0.1, 2, 4)
-    assert c.freeze.cache_prefix and not ablate.run_config(cfg, runs[0], Path("/w")).freeze.cache_prefix
+    unfrozen = ablate.run_config(cfg, runs[0], Path("/w"))
+    assert c.freeze.cache_prefix and not unfrozen.freeze.cache_prefix  # nothing frozen to cache
     assert c.init.checkpoint == "/w/pretrain"
 
 
