@@ -140,7 +140,8 @@ def plot(points: list[dict], rows: list[dict], path: Path, x: str, lines: tuple[
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if groups:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
