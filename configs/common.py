@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"
     c.data.classes = ()  # a subset of the labels, relabelled 0..k-1; empty: all
     c.data.per_class = 0  # few-shot: training examples per class, chosen by train.seed; 0: all
+    c.data.holdout = 0.0  # a fraction of the training examples held out as the test split; 0: none
     c.data.image_size = 0  # resize to this on device; 0: the checkpoint's or the images' size
     c.data.mean = ml_collections.FieldReference(None, field_type=tuple)  # 0–255 scale
     c.data.std = ml_collections.FieldReference(None, field_type=tuple)
@@ -84,4 +85,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1: all (divided by fsdp)
     c.mesh.fsdp = 1  # devices sharing each parameter's and optimizer state's shards
+    return c
+
+
+def sweep_config() -> ml_collections.ConfigDict:
+    """A sweep's section (research.ablate): its grid points, seeds and plot."""
+    c = ml_collections.ConfigDict()
+    c.grid = ()  # points: dicts of dotted config keys (and labels, keys without a dot) → values
+    c.seeds = (0,)  # every point runs once per seed (train.seed)
+    c.x = "freeze_depth"  # the plot's x axis: a results.csv column
+    c.lines = ("regime",)  # the columns whose values tell the plot's lines apart
+    c.show = ()  # the lines the plot draws (their labels); empty: all
+    c.holdout = 0.2  # the validation fraction of the training examples for a point's "choose"
     return c

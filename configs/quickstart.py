@@ -7,23 +7,31 @@ with the first 0…3 blocks frozen.
 
     python -m scripts.ablate --config configs/quickstart.py --workdir runs/quickstart
     python -m scripts.ablate --config configs/quickstart.py:seeds=3 --workdir runs/qs3
+    python -m scripts.ablate --config "configs/quickstart.py:depths=(0,2),regimes=('finetune',)" \
+        --workdir runs/qs02
     python -m scripts.ablate --config configs/quickstart.py:reduced=True --workdir /tmp/qs
 
-Writes results.csv and accuracy_vs_freeze_depth.png in the workdir; README.md's quickstart
-lists the test accuracies it reaches. Runs with frozen blocks, the linear probe among them,
+A sweep (research.ablate): its variants pick ``seeds`` (0 … seeds−1), fine-tuning ``depths``
+(empty: 0 … all-but-probe) and ``regimes``. Writes results.csv, summary.csv, summary.md and
+accuracy_vs_freeze_depth.png in the workdir; README.md's quickstart lists the test accuracies
+it reaches. Runs with frozen blocks, the linear probe among them,
 train on their frozen prefix's cached output (``freeze.cache_prefix``).
 ``reduced=True`` is a short version for tests.
 """
 
 import ml_collections
 
-from configs.common import base_config
+import models
+from configs.common import base_config, sweep_config
 from configs.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from research.ablate import axis, product
 from research.config import parse_arg
+
+REGIMES = ("scratch", "linear_probe", "finetune")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, seeds=1, reduced=False)
+    arg = parse_arg(arg, seeds=1, depths=(), regimes=REGIMES, reduced=False)
     c = ml_collections.ConfigDict()
     c.name = "quickstart"
 
@@ -48,11 +56,21 @@ def get_config(arg=None):
     c.transfer.optim.lr = 0.02
     c.transfer.freeze.cache_prefix = True  # runs with frozen blocks train on their cached output
 
-    c.ablation = ml_collections.ConfigDict()
-    c.ablation.seeds = tuple(range(arg.seeds))
-    c.ablation.depths = ()  # empty: 0 … all-but-head
-    c.ablation.regimes = ("scratch", "linear_probe", "finetune")
-    c.ablation.probe_lr = 0.1
+    c.transfer.init.checkpoint = "{pretrain}"
+
+    blocks = len(models.create(c.pretrain.model.name, num_classes=2).blocks)
+    probe_depth = blocks - 1  # every block but the head frozen
+    depths = tuple(arg.depths) or tuple(range(probe_depth))
+    points = {
+        "scratch": ({"regime": "scratch", "init.checkpoint": "",
+                     "model.name": c.pretrain.model.name},),
+        "linear_probe": ({"regime": "linear_probe", "freeze.depth": probe_depth,
+                          "optim.lr": 0.1},),
+        "finetune": product(({"regime": "finetune"},), axis("freeze.depth", depths)),
+    }
+    c.sweep = sweep_config()
+    c.sweep.grid = sum((points[regime] for regime in arg.regimes), ())
+    c.sweep.seeds = tuple(range(arg.seeds))
 
     if arg.reduced:
         c.pretrain.train.epochs = 0.25

@@ -1,87 +1,181 @@
-"""Ablations of transfer: from scratch, linear probe, and fine-tuning at every freeze depth.
+"""Sweeps: a config's grid of settings × seeds, a workdir per run, results with statistics.
 
-An ablation config has ``pretrain`` (a training config, run once into ``<workdir>/pretrain``
-unless ``init.checkpoint`` names existing weights), ``transfer`` (the training config of every
-transfer run, which starts from the pretrained checkpoint) and ``ablation`` (``seeds``,
-``depths``: a tuple, or empty for 0 … all-but-head, ``regimes``, and ``probe_lr``, the linear
-probe's learning rate if it differs). Every run has its own workdir, so an interrupted ablation
-resumes where it stopped and repeats nothing.
+A sweep config has ``transfer`` (the training config every run starts from), ``sweep``
+(``configs.common.sweep_config``: ``seeds``, ``grid``, and the plot's ``x`` and ``lines``) and
+optionally ``pretrain`` (a training config run once into ``<workdir>/pretrain``, unless its
+``init.checkpoint`` names existing weights, which are then used as they are).
 
-The ``linear_probe`` regime is a transfer run with every block but the head frozen; with
-``transfer.freeze.cache_prefix`` it trains the head on features computed once
-(``research.prefix_cache``): the result of recomputing them every step, to float32 rounding.
+The grid is a tuple of points (in the spirit of big_vision's ``sweep_*`` and Kauldron's
+``sweep()``; ``axis`` and ``product`` build them). A point is a dict: a dotted key
+(``freeze.depth``, ``optim.lr``, any field of ``transfer``) is set in the run's config, a key
+without a dot (``regime``, ``n``) is a label, a column of the results that tells runs apart.
+Every point runs once per seed (``train.seed``) in ``<workdir>/runs/<name>``, its name made of
+its labels, its numbers and the seed: a finished run (``result.json``) is read back, an
+interrupted one resumes from its checkpoint. ``init.checkpoint`` may say ``{pretrain}`` (the
+pretrained checkpoint), ``{runs}`` (``<workdir>/runs``) and ``{seed}``, so that a run starts from
+another of the same sweep listed before it (Yosinski's AnB from baseA). A run with
+``freeze.cache_prefix`` and nothing frozen trains without it. A point's ``choose`` (dotted key →
+candidate values) picks each value by accuracy on a validation split held out of the training
+examples (``sweep.holdout``; ``choose``), then trains with it: Kornblith's L2 strength.
+
+Every run is checked before any trains: unknown keys, an empty grid, a freeze depth beyond the
+model's blocks, classes a dataset lacks. Runs compile through JAX's persistent compilation
+cache, in ``<workdir>/xla_cache`` unless one is set already (``JAX_COMPILATION_CACHE_DIR``), so
+runs of the same program (model, frozen set, shapes) compile it once. ``research.summary``
+writes the outputs: results.csv, summary.csv, summary.md and the plot.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
+import itertools
 import json
+import re
+import shlex
 from pathlib import Path
 
 import jax
-import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 import models
-from research import train
+from research import config, data, summary, train
 from research.errors import ConfigError
 
-COLUMNS = ("regime", "freeze_depth", "seed", "n_train", "test_accuracy", "trainable_params",
-           "seconds")
-REGIMES = ("scratch", "linear_probe", "finetune")
+RESULT = "result.json"
+
+
+def axis(key: str, values) -> tuple[dict, ...]:
+    """One axis of a grid: ``axis("freeze.depth", (0, 1))`` → ``({"freeze.depth": 0}, …)``."""
+    return tuple({key: value} for value in values)
+
+
+def product(*axes) -> tuple[dict, ...]:
+    """Every combination of one point from each axis, merged (the last axis varies fastest)."""
+    return tuple({k: v for point in combination for k, v in point.items()}
+                 for combination in itertools.product(*axes))
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    regime: str
-    freeze_depth: int
+    point: tuple[tuple[str, object], ...]  # the grid point's keys and values, in order
     seed: int
 
     @property
+    def point_name(self) -> str:
+        parts = [str(v) for k, v in self.point if "." not in k and isinstance(v, str)]
+        parts += [f"{k.rpartition('.')[2]}{v}" for k, v in self.point
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return re.sub(r"[^A-Za-z0-9_.+-]", "-", "_".join(parts) or "point")
+
+    @property
     def name(self) -> str:
-        return f"{self.regime}_depth{self.freeze_depth}_seed{self.seed}"
+        return f"{self.point_name}_seed{self.seed}"
+
+    @property
+    def settings(self) -> dict:
+        """The point as a dict: dotted keys and labels."""
+        return dict(self.point)
 
 
-def plan_runs(cfg, num_blocks: int) -> list[Run]:
-    unknown = set(cfg.ablation.regimes) - set(REGIMES)
-    if unknown:
-        raise ConfigError(f"ablation.regimes has {sorted(unknown)}; use any of {REGIMES}.")
-    probe_depth = num_blocks - 1
-    depths = tuple(cfg.ablation.depths) or tuple(range(probe_depth + 1))
-    bad = [d for d in depths if not 0 <= d <= probe_depth]
-    if bad:
-        raise ConfigError(f"ablation.depths {bad} are outside 0…{probe_depth} (the model has "
-                          f"{num_blocks} blocks).")
-    runs = []
-    for seed in cfg.ablation.seeds:
-        for regime in cfg.ablation.regimes:
-            if regime == "scratch":
-                runs.append(Run(regime, 0, seed))
-            elif regime == "linear_probe":
-                runs.append(Run(regime, probe_depth, seed))
-            else:
-                runs += [Run(regime, d, seed) for d in depths if d != probe_depth
-                         or "linear_probe" not in cfg.ablation.regimes]
+def plan_runs(cfg) -> list[Run]:
+    """The sweep's runs, point by point, each point's seeds together; refuses an empty grid
+    and two points of the same name."""
+    grid, seeds = tuple(cfg.sweep.grid), tuple(cfg.sweep.seeds)
+    if not grid or not seeds:
+        raise ConfigError(f"the sweep is empty ({len(grid)} grid points × {len(seeds)} seeds): "
+                          "set sweep.grid and sweep.seeds.")
+    runs = [Run(tuple(dict(point).items()), seed) for point in grid for seed in seeds]
+    names = [run.name for run in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"sweep points share the names {twice}: give them distinct labels "
+                          "(a key without a dot, such as regime).")
     return runs
 
 
-def run_config(cfg, run: Run, pretrained_dir: Path):
+def run_config(cfg, run: Run, workdir: Path):
+    """The training config of ``run``: ``cfg.transfer`` with the point's keys and the seed."""
     c = copy.deepcopy(cfg.transfer)
     c.name = run.name
     c.train.seed = run.seed
-    c.freeze.depth = run.freeze_depth
-    c.freeze.cache_prefix = c.freeze.get("cache_prefix", False) and run.freeze_depth > 0
-    if run.regime == "scratch":
-        c.init.checkpoint = ""
-        c.model.name = cfg.pretrain.model.name
-    else:
-        c.init.checkpoint = str(pretrained_dir)
-    if run.regime == "linear_probe" and cfg.ablation.get("probe_lr"):
-        c.optim.lr = cfg.ablation.probe_lr
+    for key, value in run.point:
+        if "." in key:
+            config.override(c, key, value)
+    c.init.checkpoint = c.init.checkpoint.format(
+        pretrain=_pretrained_dir(cfg, workdir), runs=workdir / "runs", seed=run.seed)
+    c.freeze.cache_prefix = bool(c.freeze.get("cache_prefix", False) and c.freeze.depth > 0)
     return c
+
+
+def _pretrained_dir(cfg, workdir: Path) -> str:
+    if "pretrain" not in cfg:
+        return ""
+    return str(cfg.pretrain.init.checkpoint or workdir / "pretrain")
+
+
+def check(cfg, runs: list[Run], workdir: Path) -> None:
+    """Every run's config is built, its freeze depth and data checked, before anything trains."""
+    for run in runs:
+        try:
+            c = run_config(cfg, run, workdir)
+            for key, values in run.settings.get("choose", {}).items():
+                for value in values:
+                    config.override(copy.deepcopy(c), key, value)
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {run.name}: {e}") from None
+        name = c.model.name or ("pretrain" in cfg and cfg.pretrain.model.name)
+        if name:
+            blocks = models.create(name, num_classes=2, **dict(c.model.options)).blocks
+            if not 0 <= c.freeze.depth < len(blocks):
+                raise ConfigError(
+                    f"sweep run {run.name}: freeze.depth={c.freeze.depth} is beyond {name}'s "
+                    f"{len(blocks)} blocks ({', '.join(blocks)}): use 0 … {len(blocks) - 1}.")
+        data.load_splits(c.data, seed=run.seed)
+        if "choose" in run.settings:  # and its validation split
+            c.data.holdout = cfg.sweep.holdout
+            data.load_splits(c.data, seed=run.seed)
+
+
+def run_sweep(cfg, workdir: str | Path, only: str | None = None) -> list[dict]:
+    """Every run of the sweep (or the one named ``only``, or ``pretrain``), then the outputs
+    of all finished runs (``collect``); returns their rows."""
+    workdir = Path(workdir)
+    runs = plan_runs(cfg)
+    chosen = _chosen(runs, only)
+    check(cfg, chosen, workdir)
+    use_compilation_cache(workdir)
+    if only == "pretrain" or _needs_pretraining(cfg, chosen, workdir):
+        if only not in (None, "pretrain"):
+            raise ConfigError(f"run {only} starts from the pretrained checkpoint, which is not "
+                              f"trained yet: run --only pretrain first.")
+        pretrain(cfg, workdir)
+    for run in chosen:
+        _run_once(cfg, run, workdir)
+    return collect(cfg, workdir)
+
+
+def _chosen(runs: list[Run], only: str | None) -> list[Run]:
+    if only is None:
+        return runs
+    if only == "pretrain":
+        return []
+    chosen = [run for run in runs if run.name == only]
+    if not chosen:
+        raise ConfigError(f"--only {only}: the sweep has no such run; --list prints its runs.")
+    return chosen
+
+
+def _pretrains(cfg, runs: list[Run]) -> bool:
+    """Whether a run starts from ``{pretrain}`` and the sweep trains it."""
+    if "pretrain" not in cfg or cfg.pretrain.init.checkpoint:
+        return False
+    return any("{pretrain}" in str(run.settings.get("init.checkpoint",
+                                                  cfg.transfer.init.checkpoint))
+               for run in runs)
+
+
+def _needs_pretraining(cfg, runs: list[Run], workdir: Path) -> bool:
+    return _pretrains(cfg, runs) and not (workdir / "pretrain" / RESULT).is_file()
 
 
 def pretrain(cfg, workdir: Path) -> Path:
@@ -91,91 +185,100 @@ def pretrain(cfg, workdir: Path) -> Path:
         return Path(cfg.pretrain.init.checkpoint)
     directory = workdir / "pretrain"
     result = train.train_and_evaluate(cfg.pretrain, directory)
+    _write_result(directory, {"test_accuracy": result["test_accuracy"]})
     print(f"pretrained {cfg.pretrain.model.name}: test accuracy "
           f"{result['test_accuracy']:.4f} on {cfg.pretrain.data.name} classes "
           f"{tuple(cfg.pretrain.data.classes) or 'all'}")
     return directory
 
 
-def run_ablation(cfg, workdir: str | Path) -> list[dict]:
-    """Pretrain once, then every run of the plan; writes results.csv and the plot."""
+def use_compilation_cache(workdir: Path) -> None:
+    """JAX's persistent compilation cache in ``<workdir>/xla_cache`` unless one is set, for
+    every program however fast it compiles."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _run_once(cfg, run: Run, workdir: Path) -> dict:
+    """A run's result, read back if it finished before (``result.json``), else trained; a run
+    starting from another run of the sweep needs that one finished."""
+    directory = workdir / "runs" / run.name
+    if (directory / RESULT).is_file():
+        return json.loads((directory / RESULT).read_text())
+    c = run_config(cfg, run, workdir)
+    source = Path(c.init.checkpoint) if c.init.checkpoint else None
+    if source and source.parent == workdir / "runs" and not (source / RESULT).is_file():
+        raise ConfigError(f"run {run.name} starts from run {source.name}, which has not "
+                          f"finished: run --only {source.name} first.")
+    chosen = choose(c, run.settings.get("choose", {}), directory, cfg.sweep.holdout)
+    for key, value in chosen.items():
+        config.override(c, key, value)
+    return _trained(c, directory, {f"chosen {k}": v for k, v in chosen.items()})
+
+
+def choose(c, candidates: dict, directory: Path, holdout: float) -> dict:
+    """For each key of ``candidates`` (a point's ``choose``: dotted key → values, in turn),
+    the value whose run on a validation split held out of the training examples
+    (``data.holdout = holdout``) reaches the best accuracy, the first of a tie; the candidates
+    run in ``directory/choose/<key><value>`` (finished ones are read back)."""
+    chosen = {}
+    for key, values in candidates.items():
+        accuracies = []
+        for value in values:
+            trial = copy.deepcopy(c)
+            for k, v in {**chosen, key: value}.items():
+                config.override(trial, k, v)
+            trial.data.holdout = holdout
+            trial.name = f"{c.name} {key}={value}"
+            path = directory / "choose" / f"{key.rpartition('.')[2]}{value}"
+            done = path / RESULT
+            result = (json.loads(done.read_text()) if done.is_file()
+                      else _trained(trial, path, {}))
+            accuracies.append(result["test_accuracy"])
+        chosen[key] = values[accuracies.index(max(accuracies))]
+    return chosen
+
+
+def _trained(c, directory: Path, extra: dict) -> dict:
+    """``c`` trained in ``directory``; its result (with ``extra``) written to result.json."""
+    result = train.train_and_evaluate(c, directory)
+    finished = dict(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"],
+                    trainable_params=result["trainable_params"], n_train=result["n_train"],
+                    freeze_depth=c.freeze.depth, train_seconds=result["seconds"],
+                    compile_seconds=result["compile_seconds"], **extra)
+    _write_result(directory, finished)
+    return finished
+
+
+def _write_result(directory: Path, result: dict) -> None:
+    if jax.process_index() == 0:
+        (directory / RESULT).write_text(json.dumps(result))
+
+
+def collect(cfg, workdir: str | Path) -> list[dict]:
+    """The rows of every finished run, in the sweep's order; writes results.csv, summary.csv,
+    summary.md and the plot in ``workdir`` and prints the summary."""
     workdir = Path(workdir)
-    runs = plan_runs(cfg, _num_blocks(cfg))
-    pretrained_dir = pretrain(cfg, workdir)
-    rows = [_row(run, _run_once(cfg, run, pretrained_dir, workdir / "runs" / run.name))
-            for run in runs]
-    write_results(rows, workdir)
-    print(format_table(rows))
+    rows = []
+    for run in plan_runs(cfg):
+        done = workdir / "runs" / run.name / RESULT
+        if done.is_file():
+            rows.append(summary.row(run.name, run.seed, run.settings, json.loads(done.read_text())))
+    if jax.process_index() == 0 and rows:
+        table = summary.write(rows, workdir, x=cfg.sweep.x, lines=tuple(cfg.sweep.lines),
+                              show=tuple(cfg.sweep.show))
+        print(table)
+    elif jax.process_index() == 0:
+        print(f"no run of the sweep has finished in {workdir / 'runs'} yet.")
     return rows
 
 
-def _num_blocks(cfg) -> int:
-    model = models.create(cfg.pretrain.model.name, num_classes=2,
-                          **dict(cfg.pretrain.model.options))
-    return len(model.blocks)
-
-
-def _run_once(cfg, run: Run, pretrained_dir: Path, directory: Path) -> dict:
-    """A run's result, read back if it finished before (``result.json``), else trained."""
-    done = directory / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    result = train.train_and_evaluate(run_config(cfg, run, pretrained_dir), directory)
-    summary = {k: result[k] for k in ("test_accuracy", "trainable_params", "seconds")}
-    summary["n_train"] = result["n_train"]
-    if jax.process_index() == 0:
-        done.write_text(json.dumps(summary))
-    return summary
-
-
-def _row(run: Run, result: dict) -> dict:
-    return dict(regime=run.regime, freeze_depth=run.freeze_depth, seed=run.seed,
-                n_train=result["n_train"], test_accuracy=round(result["test_accuracy"], 4),
-                trainable_params=result["trainable_params"], seconds=round(result["seconds"], 1))
-
-
-def write_results(rows: list[dict], workdir: Path) -> None:
-    if jax.process_index() != 0:
-        return
-    with open(workdir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, workdir / "accuracy_vs_freeze_depth.png")
-
-
-def format_table(rows: list[dict]) -> str:
-    table = Table(*COLUMNS, title="transfer results")
-    for row in rows:
-        table.add_row(*(str(row[c]) for c in COLUMNS))
-    console = Console(width=120, record=True, force_terminal=False)
-    with console.capture() as capture:
-        console.print(table)
-    return capture.get()
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    finetune = [r for r in rows if r["regime"] == "finetune"]
-    depths = sorted({r["freeze_depth"] for r in finetune})
-    if depths:
-        accs = [[r["test_accuracy"] for r in finetune if r["freeze_depth"] == d] for d in depths]
-        ax.errorbar(depths, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs],
-                    marker="o", capsize=3, label="fine-tune (first n blocks frozen)")
-    for regime, style in (("linear_probe", "s"), ("scratch", "x")):
-        points = [r for r in rows if r["regime"] == regime]
-        if points:
-            ax.scatter([r["freeze_depth"] for r in points], [r["test_accuracy"] for r in points],
-                       marker=style, s=60, label=regime.replace("_", " "), zorder=3)
-    ax.set_xticks(sorted({r["freeze_depth"] for r in rows}))
-    ax.set_xlabel("freeze depth (blocks frozen)")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def list_commands(cfg, spec: str, workdir: str | Path) -> list[str]:
+    """One command per run (pretraining first where the sweep pretrains), to spread the sweep
+    over a job runner; runs that start from another run come after it."""
+    runs = plan_runs(cfg)
+    names = ["pretrain"] if _pretrains(cfg, runs) else []
+    names += [run.name for run in runs]
+    return [f"python -m scripts.ablate --config {shlex.quote(spec)} --workdir "
+            f"{shlex.quote(str(workdir))} --only {shlex.quote(name)}" for name in names]

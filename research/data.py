@@ -387,13 +387,17 @@ VTAB1K = {"tune": ((0, 800), (800, 1000)), "final": ((0, 1000), None)}
 
 def load_splits(cfg, seed: int) -> tuple[Split, Split]:
     """The train split (few-shot if asked) and the full test split, both class-restricted,
-    or VTAB-1k's (``cfg.vtab1k``)."""
+    or VTAB-1k's (``cfg.vtab1k``); with ``data.holdout``, the test split is a validation split
+    held out of the training one."""
     train_source = _nonempty(data_source(cfg, cfg.train_split), cfg, cfg.train_split)
     spans = _vtab1k_spans(cfg, train_source)
-    test_source = (train_source if spans[1] else
-                   _nonempty(data_source(cfg, cfg.test_split), cfg, cfg.test_split))
     train = make_split(train_source, cfg, few_shot=True, seed=seed, span=spans[0])
-    test = make_split(test_source, cfg, few_shot=False, seed=seed, span=spans[1])
+    if cfg.get("holdout"):
+        train, test = hold_out(train, cfg.holdout, seed)
+    else:
+        test_source = (train_source if spans[1] else
+                       _nonempty(data_source(cfg, cfg.test_split), cfg, cfg.test_split))
+        test = make_split(test_source, cfg, few_shot=False, seed=seed, span=spans[1])
     for split, name in ((train, cfg.train_split), (test, cfg.test_split)):
         _nonempty(split, cfg, name)
     return train, test
@@ -419,6 +423,23 @@ def _vtab1k_spans(cfg, source) -> tuple:
                         "examples, and VTAB-1k takes its first 1000: choose a larger "
                         "data.train_split or set data.vtab1k=''.")
     return VTAB1K[vtab]
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """``split`` divided into training examples and a validation split of ``fraction`` of
+    them (``data.holdout``), stratified by class and chosen by ``seed`` (scikit-learn's
+    ``train_test_split``)."""
+    from sklearn.model_selection import train_test_split
+    try:
+        kept, held = train_test_split(np.arange(len(split)), test_size=fraction,
+                                      random_state=seed, stratify=split.labels)
+    except ValueError as e:
+        raise DataError(f"data.holdout={fraction} cannot hold out a validation split of "
+                        f"every class from {len(split)} training examples ({e}): hold out "
+                        "more, or train on more examples.") from None
+    part = lambda rows: dataclasses.replace(split, indices=split.indices[np.sort(rows)],
+                                            labels=split.labels[np.sort(rows)])
+    return part(kept), part(held)
 
 
 def train_dataset(split: Split, batch_size: int, seed: int, process_index: int = 0,

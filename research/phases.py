@@ -180,5 +180,5 @@ class TrainSteps:
         if phase.fresh and step == phase.start:
             fresh = self.phased.optimizers[index].init(state.params)
             state = state.replace(
-                opt_state=jax.device_put(fresh, sharding.replicated(self.exp.mesh)))
+                opt_state=jax.device_put(fresh, sharding.state_shardings(self.exp.mesh, fresh)))
         return self.step_function(index)(state, images, labels)

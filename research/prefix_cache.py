@@ -9,7 +9,9 @@ evaluated through the whole network.
 
 A linear probe is the deepest case: every block but the head frozen
 (``freeze.depth = len(model.blocks) - 1``), the head trained by the run's optimizer on features
-computed once. The ablation's ``linear_probe`` regime is such a run.
+computed once. It is the project's one linear probe: the quickstart's ``linear_probe`` regime,
+the logistic regression of ``configs/kornblith.py`` (its L2 strength chosen by a sweep's
+``choose``) and ``scripts.bench``'s "linear probe: cached vs recompute" are such runs.
 
 Before anything is cached, ``research.train`` checks on a few training examples that a step on
 the cached path equals a step through the whole network: a model whose later blocks read an

@@ -3,13 +3,15 @@
 The batch is sharded over the mesh's devices and the state replicated, or sharded over its
 ``fsdp`` axis (``research.sharding``). A run resumes from the latest checkpoint in its workdir;
 the batch at step k depends only on the seed and k, so a resumed run ends bit-identical to an
-uninterrupted one, with the same metrics.jsonl. With ``freeze.cache_prefix`` it trains on the
-frozen prefix's cached output (``research.prefix_cache``).
+uninterrupted one, with the same metrics.jsonl (its records also written as TensorBoard event
+files). With ``freeze.cache_prefix`` it trains on the frozen prefix's cached output
+(``research.prefix_cache``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorboardX
 from tqdm.auto import tqdm
 
 import models
@@ -299,9 +302,11 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     Under ``guard.handle_stop_signals`` SIGTERM or SIGINT saves the current step and raises
     ``Interrupted``; a loss or parameter that is not finite raises ``TrainingDiverged`` and is
     never saved; the workdir and values are checked (``guard``) before anything is written.
-    Returns the final metrics, the trainable parameter count and the seconds spent.
+    Returns the final metrics, the trainable parameter count, the seconds spent and those spent
+    compiling (``compile_seconds``: tracing, lowering and XLA's compilation, or the persistent
+    compilation cache's retrieval, of every program the run compiled).
     """
-    start = time.perf_counter()
+    start, compiling_before = time.perf_counter(), _compile_clock()[0]
     guard.check_workdir(workdir, cfg)
     exp = build(cfg)
     workdir = Path(workdir)
@@ -345,7 +350,23 @@ def train_and_evaluate(cfg, workdir: str | Path, *, stop_after: int | None = Non
     guard.raise_if_stopped(step, workdir)
     final = history[-1] if history else _epoch_record(exp, state, step, [], eval_step)
     return dict(final, trainable_params=exp.trainable_params, n_train=len(exp.train_split),
-                seconds=time.perf_counter() - start, state=state)
+                seconds=time.perf_counter() - start, compile_seconds=_compile_clock()[0] - compiling_before,
+                state=state)
+
+
+@functools.cache
+def _compile_clock() -> list[float]:
+    """A one-element list holding the seconds this process has spent compiling so far (JAX's
+    ``/jax/core/compile/`` events: tracing, lowering, and XLA's compilation or the persistent
+    cache's retrieval), counted from the first call on."""
+    seconds = [0.0]
+
+    def count(event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            seconds[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    return seconds
 
 
 def _prefix_cache(exp: Experiment, state: TrainState) -> prefix_cache.PrefixCache:
@@ -428,6 +449,12 @@ def _epoch_record(exp, state, step, epoch_metrics, eval_step) -> dict:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
+    """The record appended to ``path`` and, as TensorBoard scalars, to an event file beside it
+    (tensorboardX, no TensorFlow needed); process 0 only."""
     if jax.process_index() == 0:
         with open(path, "a") as f:
             f.write(json.dumps(guard.json_safe(record), allow_nan=False) + "\n")
+        with tensorboardX.SummaryWriter(str(path.parent),
+                                        filename_suffix=f".step{record['step']}") as writer:
+            for key, value in record.items():
+                writer.add_scalar(key, value, record["step"])

@@ -17,10 +17,15 @@ from research.errors import (CheckpointError, ConfigError, DataError, Interrupte
 
 def config_and_workdir_args(description: str) -> argparse.Namespace:
     """``--config configs/NAME.py[:k=v,…]`` and ``--workdir DIR`` from the command line."""
+    return config_and_workdir_parser(description).parse_args()
+
+
+def config_and_workdir_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of ``config_and_workdir_args``, for a command to add its own options."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="configs/NAME.py[:key=value,…]")
     parser.add_argument("--workdir", required=True)
-    return parser.parse_args()
+    return parser
 
 
 def start_distributed() -> None:

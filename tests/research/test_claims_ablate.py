@@ -28,8 +28,7 @@ def ablation(tfds_dir, checkpoint, seeds):
     return config.load(
         f"{ROOT}/configs/quickstart.py:reduced=True,pretrain.data.tfds_dir={tfds_dir},"
         f"transfer.data.tfds_dir={tfds_dir},pretrain.init.checkpoint='{checkpoint}',"
-        f"transfer.train.epochs=1.0,ablation.regimes=('finetune',),ablation.depths=(3,),"
-        f"ablation.seeds={seeds}")
+        f"transfer.train.epochs=1.0,regimes=('finetune',),depths=(3,),sweep.seeds={seeds}")
 
 
 def params(workdir, seed):
@@ -39,7 +38,7 @@ def params(workdir, seed):
 @pytest.fixture(scope="module")
 def two_seeds(tfds_dir, checkpoint, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ablation")
-    ablate.run_ablation(ablation(tfds_dir, checkpoint, (0, 1)), workdir)
+    ablate.run_sweep(ablation(tfds_dir, checkpoint, (0, 1)), workdir)
     return workdir
 
 
@@ -55,7 +54,7 @@ def test_reused_checkpoint_is_not_pretrained_again(two_seeds, checkpoint):
 
 
 def test_seeds_decide_the_runs(two_seeds, tfds_dir, checkpoint, tmp_path):
-    ablate.run_ablation(ablation(tfds_dir, checkpoint, (1,)), tmp_path)
+    ablate.run_sweep(ablation(tfds_dir, checkpoint, (1,)), tmp_path)
     seed0, seed1, seed1_again = params(two_seeds, 0), params(two_seeds, 1), params(tmp_path, 1)
     assert sorted(seed1_again) == sorted(seed1)
     for path, value in seed1.items():

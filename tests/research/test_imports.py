@@ -25,6 +25,7 @@ LAYERS = (
     ("research.prefix_cache",),
     ("research.phases",),
     ("research.train",),
+    ("research.summary",),
     ("research.ablate", "research.publish"),
     ("scripts.*", "configs.*"),
 )
