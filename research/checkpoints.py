@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -53,12 +55,14 @@ def save(mngr: ocp.CheckpointManager, step: int, variables, meta: dict, train_st
     items = {VARIABLES: ocp.args.StandardSave(variables), META: ocp.args.JsonSave(meta)}
     if train_state is not None:
         items[TRAIN_STATE] = ocp.args.StandardSave(train_state)
+    threads_before = set(threading.enumerate())
     try:
         mngr.save(step, args=ocp.args.Composite(**items))
         mngr.wait_until_finished()
         if jax.process_index() == 0:
             checksums.write(Path(mngr.directory) / str(step))
     except OSError as e:
+        _await_writers(threads_before)
         _discard(Path(mngr.directory), step)
         kept = latest_step(mngr.directory)
         fix = "free space on the device" if e.errno == errno.ENOSPC else "fix the cause"
@@ -185,6 +189,14 @@ def _restored_or_damage(mngr, path: Path, step: int, items):
                 f"({type(e).__name__}: {first_line}): it holds another model or optimizer "
                 "state; train in another workdir.") from None
         return f"unreadable: {type(e).__name__}: {first_line}"
+
+
+def _await_writers(threads_before: set, timeout: float = 30.0) -> None:
+    """Wait for the writes a failed save left running: when one item fails, orbax's threads
+    writing the others go on, and would recreate a step directory removed before they end."""
+    deadline = time.monotonic() + timeout
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(max(deadline - time.monotonic(), 0))
 
 
 def _discard(orbax_dir: Path, step: int) -> None:
