@@ -30,14 +30,17 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax import export as jax_export
 from safetensors.numpy import load_file, save_file
 
 from models import cpu
-from research import prefix_cache, sharding, train
+from research import checkpoints, prefix_cache, sharding, train
+from research.errors import ConfigError
 
 ACCELERATORS = ("cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's names
 SUBDIR = "export"
 VARIABLES_FILE, TRAIN_STATE_FILE, INFO_FILE = ("variables.safetensors", "train_state.safetensors",
                                                "export.json")
@@ -159,3 +162,22 @@ def _lowering(platforms: Sequence[str]):
     no native kernel is in the module; accelerators get the steps as ``research.train`` traces
     them."""
     return cpu.xla_lowering_only() if "cpu" in platforms else contextlib.nullcontext()
+
+
+def from_run(workdir: str | Path) -> tuple[train.Experiment, train.TrainState]:
+    """The experiment of a training run's workdir (its own config, on one device) and the
+    state of its latest checkpoint. Reads the run's dataset for its shapes; writes nothing."""
+    _, meta, _ = checkpoints.restore(workdir)
+    cfg = ml_collections.ConfigDict(meta["config"])
+    # The run's own checkpoint gives the architecture, its options and the preprocessing.
+    cfg.init.checkpoint, cfg.model.name, cfg.mesh.data = str(Path(workdir).resolve()), "", 1
+    cfg.train.progress = False
+    exp = train.build(cfg)
+    return exp, train._resume(exp, Path(workdir))
+
+
+def check_platforms(platforms: Sequence[str]) -> None:
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ConfigError(f"--platforms {','.join(platforms)}: {unknown or 'none'} unknown; "
+                          f"name one or more of {','.join(PLATFORMS)}.")

@@ -23,7 +23,7 @@ LAYERS = (
     ("research.sharding",),
     ("research.prefix_cache",),
     ("research.train",),
-    ("research.ablate",),
+    ("research.ablate", "research.export"),
     ("scripts.*", "configs.*"),
 )
 
