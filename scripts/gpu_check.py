@@ -2,6 +2,7 @@
 
     python -m scripts.gpu_check --out runs/gpu_check          # the full check
     python -m scripts.gpu_check --tiny --out /tmp/gpu_check   # small sizes, 2 families, 2 steps
+    python -m scripts.gpu_check --families resnet50 --throughput vit_b16   # a part of it
 
 1. **Logits.** Each family's eval logits (one architecture of each, at its input size, random
    weights, batch 4) on the accelerator against XLA:CPU's, both float32 with
@@ -20,16 +21,22 @@
    them, the rate of the input pipeline (``research.data.train_batches`` on synthetic 224²
    images, generated on the host as they are read).
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``; exits 1 where a check fails. On a
-machine without an accelerator it compares the CPU with itself and runs PyTorch eager on the
-CPU (``torch.compile`` only on CUDA): ``--tiny`` does so in the tests.
+Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` after each measurement (a run cut
+short keeps what it measured); exits 1 where a check fails. On a machine without an
+accelerator it compares the CPU with itself and runs PyTorch eager on the CPU
+(``torch.compile`` only on CUDA): ``--tiny`` does so in the tests.
 
 Its machine needs, beside JAX with CUDA, flax, optax, orbax-checkpoint, chex, PyTorch,
-torchvision and timm: this repository and the wheels (for its Python) of the packages
-``research/`` imports: ml-collections, tensorflow-datasets, grain, array-record,
-safetensors, tqdm, importlib-resources and their dependencies. Without network, carry them
-(``pip download -d wheels --python-version 3.12 --only-binary=:all: ml-collections==1.1.0 …``
-on a networked machine, then ``pip install --no-index --find-links wheels …`` there).
+torchvision and timm: this repository, and the packages ``research/`` imports that those do
+not bring (found by importing this script): ml-collections, tensorflow-datasets (with
+tensorflow-metadata, promise, toml, wrapt, immutabledict, protobuf, googleapis-common-protos),
+importlib-resources, grain (with cloudpickle), array-record, portpicker and flatbuffers. Without
+network, carry them as wheels for its Python: on a networked machine ``pip download -d wheels
+--python-version 3.12 --only-binary=:all: ml-collections==1.1.0 tensorflow-datasets==4.9.10
+importlib-resources==7.1.0 grain==0.2.18 array-record==0.8.6 portpicker flatbuffers``, there
+``pip install --no-index --find-links wheels ml-collections tensorflow-datasets
+importlib-resources grain array-record portpicker flatbuffers``, then run the script from the
+repository's root.
 """
 
 from __future__ import annotations
@@ -61,8 +68,9 @@ PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12
              "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12,
              "TPU v6 lite": 918e12}
 RTOL = 1e-4  # of logits, relative to 1 + the largest CPU logit
-SETTINGS = {"full": dict(families=FAMILIES, check_batch=4, size=None, throughput=(
-                "resnet50", "efficientnet_b0", "vit_b16"), batch=128, steps=20, pipeline_batches=20),
+SETTINGS = {"full": dict(families=FAMILIES, check_batch=4, size=None,
+                         throughput=("resnet50", "efficientnet_b0", "vit_b16"), batch=128,
+                         steps=20, pipeline_batches=20),
             "tiny": dict(families=("lenet5", "vit_ti16"), check_batch=2, size=32,
                          throughput=("resnet18", "vit_ti16"), batch=4, steps=2,
                          pipeline_batches=20)}
@@ -195,22 +203,28 @@ def peak_bf16(kind: str) -> float | None:
     return None
 
 
-def run(setting: dict) -> dict:
+def run(setting: dict, save) -> dict:
+    """The checks and measurements of ``setting``; ``save(result, what)`` after each."""
     device, cpu = jax.devices()[0], jax.devices("cpu")[0]
     peak = peak_bf16(device.device_kind)
-    env = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
-               peak_bf16_flops=peak, python=sys.version.split()[0])
-    checks = [check_family(name, setting["check_batch"], setting["size"], cpu)
-              for name in setting["families"]]
     size, batch, steps = setting["size"] or 224, setting["batch"], setting["steps"]
-    throughput = []
+    result = dict(environment=dict(device=device.device_kind, platform=device.platform,
+                                   jax=jax.__version__, peak_bf16_flops=peak,
+                                   python=sys.version.split()[0]),
+                  tolerance=f"{RTOL} * (1 + max |CPU|)",
+                  pipeline_img_s=pipeline_rate(batch, setting["pipeline_batches"]),
+                  checks=[], throughput=[])
+    save(result, "input pipeline")
+    for name in setting["families"]:
+        result["checks"].append(check_family(name, setting["check_batch"], setting["size"], cpu))
+        save(result, f"{name}: logits and bfloat16 steps")
     for name in setting["throughput"]:
         ours = ours_throughput(name, batch, size, steps, peak)
         peer = torch_throughput(name, batch, size, steps, ours["flops"], peak)
-        throughput.append(dict(model=name, batch=batch, size=size, ours=ours, torch=peer,
-                               ratio=ours["img_s"] / peer["img_s"]))
-    return dict(environment=env, checks=checks, throughput=throughput,
-                pipeline_img_s=pipeline_rate(batch, setting["pipeline_batches"]), tolerance=f"{RTOL} * (1 + max |CPU|)")
+        result["throughput"].append(dict(model=name, batch=batch, size=size, ours=ours,
+                                         torch=peer, ratio=ours["img_s"] / peer["img_s"]))
+        save(result, f"{name}: throughput")
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -218,9 +232,10 @@ def markdown(result: dict) -> str:
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
     lines = [f"# GPU check: {env['device']} ({env['platform']}), JAX {env['jax']}", "",
              f"Eval logits in float32 (matmul precision highest) against XLA:CPU's: pass where "
-             f"max |error| <= {result['tolerance']}. One bfloat16 train step: pass where the "
-             "loss is finite and >= 90% of parameter arrays changed.", "",
-             "| model | logits max error | bound | logits | bf16 loss | params changed | bf16 step |",
+             f"max |error| <= {result['tolerance']}. Two bfloat16 train steps: pass where the "
+             "losses are finite and >= 90% of parameter arrays changed.", "",
+             "| model | logits max error | bound | logits | bf16 loss | params changed "
+             "| bf16 steps |",
              "|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
         lines.append(f"| {c['model']} | {c['logits_max_error']:.2e} | {c['logits_bound']:.2e} | "
@@ -246,16 +261,37 @@ def main():
     parser.add_argument("--tiny", action="store_true",
                         help="checks of lenet5 and vit_ti16, throughput of resnet18 and "
                              "vit_ti16, 32² inputs, batch 4, 2 steps")
+    parser.add_argument("--families", help="comma-separated models to check (default: "
+                        "one of each family)")
+    parser.add_argument("--throughput", help="comma-separated models to time against PyTorch, "
+                        f"of {','.join(PEERS)}")
     parser.add_argument("--out", default="runs/gpu_check")
     args = parser.parse_args()
-    result = run(SETTINGS["tiny" if args.tiny else "full"])
-    out = Path(args.out)
+    setting = dict(SETTINGS["tiny" if args.tiny else "full"])
+    for key in ("families", "throughput"):
+        if getattr(args, key):
+            setting[key] = tuple(getattr(args, key).split(","))
+    check_models(setting)
+    out, start = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "gpu_check.md").write_text(markdown(result))
+
+    def save(result, what):
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "gpu_check.md").write_text(markdown(result))
+        print(f"[{time.perf_counter() - start:.0f} s] {what}", flush=True)
+    result = run(setting, save)
     print(markdown(result))
     passed = all(c["logits_pass"] and c["bf16_pass"] for c in result["checks"])
     sys.exit(0 if passed else 1)
+
+
+def check_models(setting: dict) -> None:
+    """Stop before measuring anything at an unknown model or one without a PyTorch peer."""
+    unknown = [n for n in setting["families"] if n not in models.list_models()]
+    unpaired = [n for n in setting["throughput"] if n not in PEERS]
+    if unknown or unpaired:
+        raise SystemExit(f"--families: unknown {unknown} (see models.list_models()); "
+                         f"--throughput: no PyTorch peer for {unpaired} (of {', '.join(PEERS)})")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def test_one_per_family_covers_every_family():
     assert {family(n) for n in ONE_PER_FAMILY} == {family(n) for n in models.list_models()}
 
 
-@pytest.mark.parametrize("name", [n if n in ONE_PER_FAMILY else pytest.param(n, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", [n if n in ONE_PER_FAMILY else
+                                  pytest.param(n, marks=pytest.mark.slow)
                                   for n in models.list_models()])
 def test_steps_lower_for_gpu_and_tpu_without_cpu_calls(make_config, zero_init, name):
     float32, frozen = (tiny_experiment(make_config, name, o) for o in EXPERIMENTS.values())
