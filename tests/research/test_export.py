@@ -13,9 +13,13 @@ import models
 from models.cpu import native
 from research import export, prefix_cache, train
 
-# One architecture per family (module of models/) runs by default; CI runs the rest (slow).
+# One architecture per family (module of models/) runs by default; CI runs the rest (slow)
+# but the deeper and wider copies of an architecture it runs, which bring no layer of their
+# own and would take CI over its budget (exhaustive: `make test-all`).
 ONE_PER_FAMILY = ("alexnet", "efficientnet_b0", "googlenet", "lenet5",
                   "mobilenet_v3_small", "resnet18", "vgg11_bn", "vit_ti16", "xception")
+DEEPER_COPIES = (*(f"efficientnet_b{i}" for i in range(2, 8)), "resnet101", "resnet152",
+                 "vit_l16", "vit_l32")
 CPU_TARGETS = {f"transferlab_onednn_{name}" for name in native.TARGETS} | {"transferlab_mkl_sgemm"}
 # Inception v3's auxiliary head, which trains by default, needs 299² inputs.
 TRAIN_SIZE = {"inception_v3": 299}
@@ -61,9 +65,14 @@ def test_one_per_family_covers_every_family():
     assert {family(n) for n in ONE_PER_FAMILY} == {family(n) for n in models.list_models()}
 
 
-@pytest.mark.parametrize("name", [n if n in ONE_PER_FAMILY else
-                                  pytest.param(n, marks=pytest.mark.slow)
-                                  for n in models.list_models()])
+def sweep_param(name: str):
+    if name in ONE_PER_FAMILY:
+        return name
+    marks = [pytest.mark.slow] + ([pytest.mark.exhaustive] if name in DEEPER_COPIES else [])
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", [sweep_param(n) for n in models.list_models()])
 def test_steps_lower_for_gpu_and_tpu_without_cpu_calls(make_config, zero_init, name):
     float32, frozen = (tiny_experiment(make_config, name, o) for o in EXPERIMENTS.values())
     exported = {
