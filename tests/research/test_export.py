@@ -56,9 +56,8 @@ def tiny_experiment(make_config, name: str, overrides: str) -> train.Experiment:
     size = TRAIN_SIZE.get(name, max(32, models.model_info(name).min_size))
     return train.build(make_config("fashion_mnist.py", (
         f"model.name={name},data.name='synthetic:8x8x3:10',data.image_size={size},"
-        "data.mean=None,"
-        f"data.std=None,data.per_class=1,train.batch_size=2,train.eval_batch_size=2,"
-        f"mesh.data=1,{overrides}")))
+        "data.mean=None,data.std=None,data.per_class=1,train.batch_size=2,"
+        f"train.eval_batch_size=2,mesh.data=1,{overrides}")))
 
 
 def test_one_per_family_covers_every_family():
