@@ -26,7 +26,7 @@ LAYERS = (
     ("research.phases",),
     ("research.train",),
     ("research.summary",),
-    ("research.ablate", "research.publish"),
+    ("research.ablate", "research.publish", "research.export"),
     ("scripts.*", "configs.*"),
 )
 
