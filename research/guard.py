@@ -33,7 +33,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RESUMABLE_KEYS = ("name", "train.epochs", "train.eval_every_epochs",
                   "train.checkpoint_every_epochs", "train.keep_checkpoints", "train.progress",
                   "train.eval_batch_size", "train.allow_config_change", "data.tfds_dir",
-                  "mesh.data")
+                  "data.workers", "mesh.data", "mesh.fsdp")
 
 _received: list[int] = []
 
