@@ -249,9 +249,9 @@ def test_an_ablation_transfers_from_a_published_directory(published, tfds_dir, t
     transfer = ",".join(f"transfer.{o}" for o in (
         "data.name='digits'", "data.mean=(32.0,)", "data.std=(48.0,)", f"data.tfds_dir={tfds_dir}",
         "data.classes=(0,1,2,3,4)", "data.per_class=10", "train.epochs=1.0", "train.batch_size=16"))
-    cfg = config.load(f"{ROOT / 'configs/quickstart.py'}:reduced=True,ablation.depths=(1,),"
-                      f"ablation.regimes=('finetune',),pretrain.init.checkpoint={output},{transfer}")
-    [row] = ablate.run_ablation(cfg, tmp_path)
+    cfg = config.load(f"{ROOT / 'configs/quickstart.py'}:reduced=True,depths=(1,),"
+                      f"regimes=('finetune',),pretrain.init.checkpoint={output},{transfer}")
+    [row] = ablate.run_sweep(cfg, tmp_path)
     assert not (tmp_path / "pretrain").exists()
     _, meta, _ = checkpoints.restore(tmp_path / "runs" / "finetune_depth1_seed0")
     assert meta["config"]["init"]["checkpoint"] == str(output)
