@@ -79,7 +79,7 @@ def resolve(spec, model: nn.Module, params) -> FreezePlan:
     paths = list(tree.flatten(params))
     frozen = set(_paths_in_blocks(paths, _frozen_blocks(spec.get("depth", 0) or 0, blocks, model)))
     for pattern in spec.get("regex", ()) or ():
-        frozen |= set(_paths_matching(paths, pattern))
+        frozen |= set(paths_matching(paths, pattern))
     bn_policy = spec.get("bn_policy", "batch")
     if bn_policy not in BN_POLICIES:
         raise ConfigError(f"freeze.bn_policy={bn_policy!r} is unknown; use one of {BN_POLICIES}.")
@@ -99,15 +99,17 @@ def _paths_in_blocks(paths: Sequence[str], blocks: Sequence[str]) -> list[str]:
     return [p for p in paths if p.split("/", 1)[0] in set(blocks)]
 
 
-def _paths_matching(paths: Sequence[str], pattern: str) -> list[str]:
+def paths_matching(paths: Sequence[str], pattern: str, field: str = "freeze.regex") -> list[str]:
+    """The ``paths`` that ``pattern`` matches in full; a ``ConfigError`` naming ``field`` where
+    the pattern is invalid or matches none."""
     try:
         compiled = re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"freeze.regex {pattern!r} is not a valid regular expression: {e}.") from None
+        raise ConfigError(f"{field} {pattern!r} is not a valid regular expression: {e}.") from None
     matched = [p for p in paths if compiled.fullmatch(p)]
     if not matched:
         raise ConfigError(
-            f"freeze.regex {pattern!r} matches no parameter path (it must match a whole path). "
+            f"{field} {pattern!r} matches no parameter path (it must match a whole path). "
             f"Paths look like: {', '.join(paths[:3])}, …; see research.tree.flatten(params).")
     return matched
 

@@ -10,7 +10,6 @@ parameter groups, which timm's layer decay sets, and big_vision's ``lr_mults``.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import jax
@@ -18,7 +17,7 @@ import optax
 
 from research import tree
 from research.errors import ConfigError
-from research.freeze import FROZEN, TRAINABLE, FreezePlan
+from research.freeze import FROZEN, TRAINABLE, FreezePlan, paths_matching
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -83,7 +82,7 @@ def multipliers(cfg, blocks: Sequence[str], paths: Sequence[str]) -> dict[str, f
     mults = dict.fromkeys(paths, 1.0)
     claimed: set[str] = set()
     for pattern, mult in _lr_mult_pairs(cfg.get("lr_mults", ())):
-        matched = _full_matches(pattern, paths)
+        matched = paths_matching(paths, pattern, "optim.lr_mults regex")
         for path in set(matched) - claimed:
             mults[path] = mult
         claimed |= set(matched)
@@ -113,16 +112,6 @@ def _lr_mult_pairs(pairs) -> list[tuple[str, float]]:
     return checked
 
 
-def _full_matches(pattern: str, paths: Sequence[str]) -> list[str]:
-    try:
-        compiled = re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"optim.lr_mults regex {pattern!r} is not valid: {e}.") from None
-    matched = [p for p in paths if compiled.fullmatch(p)]
-    if not matched:
-        raise ConfigError(f"optim.lr_mults regex {pattern!r} matches no parameter path (it must "
-                          f"match a whole path, such as {paths[0]!r}).")
-    return matched
 
 
 def scale_by_path(mults: Mapping[str, float]) -> optax.GradientTransformation:
