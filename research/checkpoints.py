@@ -196,7 +196,12 @@ def _await_writers(threads_before: set, timeout: float = 30.0) -> None:
     writing the others go on, and would recreate a step directory removed before they end."""
     deadline = time.monotonic() + timeout
     for thread in set(threading.enumerate()) - threads_before:
-        thread.join(max(deadline - time.monotonic(), 0))
+        while time.monotonic() < deadline:
+            try:
+                thread.join(max(deadline - time.monotonic(), 0))
+                break
+            except RuntimeError:  # listed while it starts, and not joinable until it has
+                time.sleep(0.01)
 
 
 def _discard(orbax_dir: Path, step: int) -> None:
