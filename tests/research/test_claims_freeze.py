@@ -27,6 +27,22 @@ def record_calls(path: str, calls: list):
     return nn.intercept_methods(interceptor)
 
 
+def middle_bn_in_training(exp, mean, var):
+    """``(input, output, epsilon)`` of ``MIDDLE_BN`` in a train-mode pass of 16 examples under
+    ``exp``'s freeze plan, its running statistics set to ``mean`` and ``var``."""
+    stats = tree.flatten(jax.device_get(exp.state.batch_stats))
+    stats[f"{MIDDLE_BN}/mean"], stats[f"{MIDDLE_BN}/var"] = mean, var
+    variables = {"params": jax.device_get(exp.state.params), "batch_stats": tree.unflatten(stats)}
+    images, _ = exp.train_split.read_batch(np.arange(16))
+    inputs = train.preprocess.apply(images, exp.preprocess_spec, exp.dtype)
+    calls = []
+    with record_calls(MIDDLE_BN, calls), freeze.frozen_behaviour(exp.plan):
+        exp.model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    (x, out), = calls
+    return np.asarray(x), np.asarray(out), batch_norm_epsilon(exp.model, variables, inputs,
+                                                              MIDDLE_BN)
+
+
 def test_frozen_batchnorm_in_the_middle_normalises_with_its_running_statistics(make_config):
     exp = train.build(make_config("fashion_mnist.py",
                                   f"{DIGITS},freeze.regex=('{MIDDLE_BN}/.*',)"))
@@ -35,20 +51,8 @@ def test_frozen_batchnorm_in_the_middle_normalises_with_its_running_statistics(m
     rng = np.random.default_rng(0)
     mean = rng.uniform(2.0, 4.0, channels).astype(np.float32)  # far from any batch's mean
     var = rng.uniform(4.0, 9.0, channels).astype(np.float32)
-    stats = tree.flatten(jax.device_get(exp.state.batch_stats))
-    stats[f"{MIDDLE_BN}/mean"], stats[f"{MIDDLE_BN}/var"] = mean, var
-    params = jax.device_get(exp.state.params)
-    variables = {"params": params, "batch_stats": tree.unflatten(stats)}
-    images, _ = exp.train_split.read_batch(np.arange(16))
-    inputs = train.preprocess.apply(images, exp.preprocess_spec, exp.dtype)
-
-    calls = []
-    with record_calls(MIDDLE_BN, calls), freeze.frozen_behaviour(exp.plan):
-        exp.model.apply(variables, inputs, train=True, mutable=["batch_stats"])
-    (x, out), = calls
-    flat = tree.flatten(params)
-    eps = batch_norm_epsilon(exp.model, variables, inputs, MIDDLE_BN)
-    x, out = np.asarray(x), np.asarray(out)
+    x, out, eps = middle_bn_in_training(exp, mean, var)
+    flat = tree.flatten(jax.device_get(exp.state.params))
     scale, bias = flat[f"{MIDDLE_BN}/scale"], flat[f"{MIDDLE_BN}/bias"]
     relu = lambda y: np.maximum(y, 0)
     expected = relu((x - mean) / np.sqrt(var + eps) * scale + bias)

@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from research import data, freeze, phases, sharding, train, tree
+from research import data, phases, sharding, train, tree
 from research.errors import ConfigError
-from tests.research.test_claims_freeze import DIGITS, MIDDLE_BN, batch_norm_epsilon, record_calls
+from tests.research.test_claims_freeze import DIGITS, MIDDLE_BN, middle_bn_in_training
 
 LENET = ("model.name='lenet5',data.name='digits',data.mean=(32.0,),data.std=(48.0,),"
          "data.per_class=32,train.batch_size=64")  # 320 examples: 5 steps an epoch
@@ -89,21 +89,12 @@ def test_frozen_bn_policy_normalises_trainable_blocks_with_running_statistics(ma
     exp = train.build(make_config("fashion_mnist.py", f"{DIGITS},freeze.bn_policy='frozen'"))
     assert not exp.plan.frozen_paths
     start_params = jax.device_get(tree.flatten(exp.state.params))
-    stats = tree.flatten(jax.device_get(exp.state.batch_stats))
+    shape = start_params[f"{MIDDLE_BN}/scale"].shape
     rng = np.random.default_rng(0)
-    for name in ("mean", "var"):  # far from any batch's statistics
-        stats[f"{MIDDLE_BN}/{name}"] = rng.uniform(2.0, 4.0, stats[f"{MIDDLE_BN}/{name}"].shape)
-    variables = {"params": tree.unflatten(start_params), "batch_stats": tree.unflatten(stats)}
-    images, _ = exp.train_split.read_batch(np.arange(16))
-    inputs = train.preprocess.apply(images, exp.preprocess_spec, exp.dtype)
-    calls = []
-    with record_calls(MIDDLE_BN, calls), freeze.frozen_behaviour(exp.plan):
-        exp.model.apply(variables, inputs, train=True, mutable=["batch_stats"])
-    (x, out), = calls
-    eps = batch_norm_epsilon(exp.model, variables, inputs, MIDDLE_BN)
+    mean, var = (rng.uniform(2.0, 4.0, shape) for _ in range(2))  # far from any batch's
+    x, out, eps = middle_bn_in_training(exp, mean, var)
     scale, bias = start_params[f"{MIDDLE_BN}/scale"], start_params[f"{MIDDLE_BN}/bias"]
-    expected = np.maximum((np.asarray(x) - stats[f"{MIDDLE_BN}/mean"])
-                          / np.sqrt(stats[f"{MIDDLE_BN}/var"] + eps) * scale + bias, 0)
+    expected = np.maximum((x - mean) / np.sqrt(var + eps) * scale + bias, 0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
     start_stats = jax.device_get(tree.flatten(exp.state.batch_stats))
