@@ -23,16 +23,18 @@ def digest(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _files(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name not in (MANIFEST, _TMP))
+def files(directory: Path) -> list[str]:
+    """Every file under ``directory`` by relative path, sorted: what its manifest lists (all
+    but the manifest itself; manifests of subdirectories are listed like any file)."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() not in (MANIFEST, _TMP))
 
 
 def write(directory: str | Path) -> Path:
     """Write ``directory/SHA256SUMS`` over every file under it (written to a temporary file
     and renamed, so a manifest is whole or absent)."""
     directory = Path(directory)
-    lines = "".join(f"{digest(directory / name)}  {name}\n" for name in _files(directory))
+    lines = "".join(f"{digest(directory / name)}  {name}\n" for name in files(directory))
     tmp = directory / _TMP
     tmp.write_text(lines)
     os.replace(tmp, directory / MANIFEST)
@@ -57,5 +59,5 @@ def problems(directory: str | Path) -> list[str]:
             found.append(f"{name} is missing")
         elif digest(directory / name) != checksum:
             found.append(f"{name} has other bytes")
-    found += [f"{name} is not in {MANIFEST}" for name in _files(directory) if name not in expected]
+    found += [f"{name} is not in {MANIFEST}" for name in files(directory) if name not in expected]
     return found

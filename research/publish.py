@@ -42,12 +42,12 @@ import safetensors.numpy
 import yaml
 
 from models.cpu import switches
-from research import checkpoints, convert, data, train, tree
+from research import checkpoints, checksums, convert, data, train, tree
 from research.errors import CheckpointError, DataError
 
 SAFETENSORS, CONFIG_JSON, CARD, PROVENANCE = ("model.safetensors", "config.json", "README.md",
                                               "provenance.json")
-TRAIN_CONFIG, SHA256SUMS = "train_config.py", "SHA256SUMS"
+TRAIN_CONFIG, SHA256SUMS = "train_config.py", checksums.MANIFEST
 REQUIRED = (SAFETENSORS, CONFIG_JSON, CARD, PROVENANCE, TRAIN_CONFIG)
 RECORDED = ("config", "source_checkpoint", "dataset", "metrics", "variables_sha256", "environment",
             "reproduce")
@@ -108,8 +108,7 @@ def publish(workdir: str | Path, output: str | Path) -> dict:
         _write_json(staging / PROVENANCE, provenance)
         (staging / TRAIN_CONFIG).write_text(train_config_source(provenance["config"]))
         (staging / CARD).write_text(model_card(output, provenance, class_names))
-        (staging / SHA256SUMS).write_text("".join(
-            f"{digest}  {path}\n" for path, digest in file_hashes(staging).items()))
+        checksums.write(staging)
         if output.exists():
             output.rmdir()
         staging.rename(output)
@@ -324,17 +323,7 @@ sha256 is `{provenance['variables_sha256']}`.
 
 def file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory`` but SHA256SUMS, by relative path, sorted."""
-    return {path.relative_to(directory).as_posix(): _sha256_file(path)
-            for path in sorted(directory.rglob("*"))
-            if path.is_file() and path.relative_to(directory).as_posix() != SHA256SUMS}
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {name: checksums.digest(directory / name) for name in checksums.files(directory)}
 
 
 def _write_json(path: Path, value: dict) -> None:

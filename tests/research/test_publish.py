@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 import yaml
 
-from research import ablate, checkpoints, config, data, pretrained, publish, train, tree
+from research import ablate, checkpoints, checksums, config, data, pretrained, publish, train, tree
 from research.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,8 +171,7 @@ def edit_provenance(directory, edit):
     provenance = json.loads((directory / publish.PROVENANCE).read_text())
     edit(provenance)
     (directory / publish.PROVENANCE).write_text(json.dumps(provenance))
-    (directory / publish.SHA256SUMS).write_text("".join(
-        f"{digest}  {path}\n" for path, digest in publish.file_hashes(directory).items()))
+    checksums.write(directory)
 
 
 def test_verify_names_a_changed_metric(copy):
