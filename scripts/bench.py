@@ -2,6 +2,7 @@
 
     python -m scripts.bench                      # the five models, batch 16, 224², fp32
     python -m scripts.bench --quick              # a short run (small images, few steps)
+    python -m scripts.bench --small --rounds 3   # the protocols' scale: 32², batch 128
     python -m scripts.bench --models resnet18 --steps 20 --out runs/bench
     python -m scripts.bench --pipeline           # decoding and augmenting 224² JPEGs only
 
@@ -35,10 +36,12 @@ from pathlib import Path
 from models.cpu import native, process
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_s16")
+SMALL_MODELS = ("resnet_small", "resnet18", "lenet5")  # --small: the protocols' scale
 PEERS = {"resnet18": ("torchvision", "resnet18"), "resnet50": ("torchvision", "resnet50"),
          "mobilenet_v2": ("torchvision", "mobilenet_v2"),
          "efficientnet_b0": ("torchvision", "efficientnet_b0"),
-         "vit_s16": ("timm", "vit_small_patch16_224")}
+         "vit_s16": ("timm", "vit_small_patch16_224"),
+         "resnet_small": ("here", "torch_resnet_small"), "lenet5": ("here", "torch_lenet5")}
 TORCH_THREADS = 2
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.py"
 
@@ -220,6 +223,29 @@ def pipeline_run(batch: int, steps: int, records: list[dict], log=print) -> None
 
 # --- PyTorch eager -------------------------------------------------------------------------
 
+def torch_resnet_small():
+    """``models.resnet.ResNetSmall`` for 1000 classes in PyTorch, from torchvision's blocks."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    def block(inplanes, planes, stride):
+        downsample = None if stride == 1 and inplanes == planes else nn.Sequential(
+            conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
+        return BasicBlock(inplanes, planes, stride, downsample)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                         nn.ReLU(inplace=True), block(16, 16, 1), block(16, 32, 2),
+                         block(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 1000))
+
+
+def torch_lenet5():
+    """``models.lenet.LeNet5`` for 3 channels (32² inputs) and 1000 classes in PyTorch."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5),
+                         nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(16, 120, 5), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 1000))
+
+
 def torch_model(model: str):
     import torch
     torch.set_num_threads(TORCH_THREADS)
@@ -227,6 +253,8 @@ def torch_model(model: str):
     if library == "timm":
         import timm
         net = timm.create_model(name, pretrained=False)
+    elif library == "here":
+        net = globals()[name]()
     else:
         import torchvision
         net = getattr(torchvision.models, name)(weights=None)
@@ -476,6 +504,9 @@ def main():
                         help="fresh processes of each compared pair this many times: img/s are "
                              "the rounds' medians, the ratio the median of their ratios")
     parser.add_argument("--quick", action="store_true", help="resnet18 only, 32² images, 2 steps")
+    parser.add_argument("--small", action="store_true",
+                        help=f"the protocols' scale: {', '.join(SMALL_MODELS)} at 32², batch 128, "
+                             "without the freeze sweep")
     parser.add_argument("--pipeline", action="store_true",
                         help="only the input pipeline on 224² JPEGs, with 0, 1 and 2 workers")
     parser.add_argument("--out", default=".")
@@ -487,6 +518,8 @@ def main():
         return
     if args.quick:
         args.models, args.size, args.steps, args.freeze_model = "resnet18", 32, 2, "resnet18"
+    if args.small:
+        args.models, args.size, args.batch, args.freeze_model = ",".join(SMALL_MODELS), 32, 128, ""
     names = args.models.split(",")
     check_arguments(names, args.freeze_model, args.rounds)
     env, records = environment(), []

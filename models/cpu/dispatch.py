@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from models.cpu import native, switches, winograd
@@ -36,7 +37,11 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     """Which formulation ``conv_general_dilated`` gives this convolution (its arguments) on the
     CPU, decided while tracing; the one place that decides it.
 
-    NHWC, undilated, of one batch group and float32, with the native library enabled:
+    NHWC, undilated, ungrouped, whose every output position sees every input position through
+    a tap (a feature map no larger than the window, e.g. 1×1 or 2×2 under a 3×3 window, where
+    the direct kernels spend their time on padding): "unrolled", one matrix product with the
+    kernel unrolled into a (H·W·I, H'·W'·O) matrix of at most ``UNROLLED_MAX_ENTRIES``.
+    Other NHWC undilated ones of one batch group and float32, with the native library enabled:
     "sgemm" (1×1, stride 1, unpadded, ungrouped, at least 128 channels in and out, where
     ``native.uses_mkl``); "winograd" (this project's: 3×3, stride 1, ungrouped, pads of at most
     2, where oneDNN has no Winograd kernels); "onednn_winograd" (the other 3×3 stride-1
@@ -49,6 +54,8 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     strides, groups = tuple(window_strides), feature_group_count
     pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides)
     window, unpadded = tuple(rhs.shape[:2]), pads == ((0, 0), (0, 0))
+    if groups == 1 and _unrolls(lhs.shape, rhs.shape, strides, pads):
+        return "unrolled"
     if lhs.dtype == rhs.dtype == jnp.float32 and native.enabled():
         if (window == (1, 1) and strides == (1, 1) and groups == 1 and unpadded
                 and min(rhs.shape[2:]) >= 128 and native.uses_mkl()):
@@ -103,6 +110,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 def _formulation(kernel: str, strides, pads: Pads, groups: int):
     """The function of (lhs, rhs) that computes the convolution as ``kernel``."""
+    if kernel == "unrolled":
+        return lambda x, w: unrolled_conv(x, w, strides, pads)
     if kernel == "sgemm":
         return pointwise_dense
     if kernel == "winograd":
@@ -229,6 +238,77 @@ def _head_major_attention(query, key, value):
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
     out = lax.dot_general(weights, v, (((2,), (1,)), ((0,), (0,))))
     return out.reshape(batch, heads, tokens, depth).transpose(0, 2, 1, 3)
+
+
+UNROLLED_MAX_ENTRIES = 1 << 24  # 64 MiB of float32 kernel matrix
+
+
+def _taps_per_axis(in_hw, window, strides, pads: Pads) -> list[np.ndarray]:
+    """For each spatial axis, the (in, out) tap joining each input position to each output
+    position, -1 where no tap does."""
+    per_axis = []
+    for size, k, s, (lo, hi) in zip(in_hw, window, strides, pads):
+        out = (size + lo + hi - k) // s + 1
+        tap = np.arange(size)[:, None] - s * np.arange(out)[None, :] + lo
+        per_axis.append(np.where((tap >= 0) & (tap < k), tap, -1))
+    return per_axis
+
+
+def _unrolled_taps(in_hw, window, strides, pads: Pads) -> np.ndarray:
+    """(H·W, H'·W') tap indices (row-major in the window) joining each input position to each
+    output position, where every pair is joined."""
+    rows, cols = _taps_per_axis(in_hw, window, strides, pads)
+    taps = rows[:, None, :, None] * window[1] + cols[None, :, None, :]
+    return taps.reshape(rows.shape[0] * cols.shape[0], rows.shape[1] * cols.shape[1])
+
+
+def _unrolls(lhs_shape, rhs_shape, strides, pads: Pads) -> bool:
+    rows, cols = _taps_per_axis(lhs_shape[1:3], rhs_shape[:2], strides, pads)
+    entries = rows.size * cols.size * rhs_shape[2] * rhs_shape[3]
+    return bool((rows >= 0).all() and (cols >= 0).all()) and entries <= UNROLLED_MAX_ENTRIES
+
+
+def unrolled_conv(x, w, strides, pads: Pads):
+    """Convolution of NHWC ``x`` with an HWIO kernel ``w``, where every output position sees
+    every input position, as one matrix product of each image's (H·W·I) values with the kernel
+    unrolled into a (H·W·I, H'·W'·O) matrix (``native.dense`` for float32 where enabled, else
+    ``jnp.dot``)."""
+    taps = _unrolled_taps(x.shape[1:3], w.shape[:2], strides, pads)
+    if np.array_equal(taps, np.arange(taps.size)[:, None]):  # one output, each tap in order
+        kernel = w.reshape(-1, w.shape[3])
+    else:
+        kernel = _unrolled_kernel(w, tuple(map(tuple, taps.tolist())))
+    out_hw = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in
+              zip(x.shape[1:3], w.shape[:2], strides, pads)]
+    if x.dtype == w.dtype == jnp.float32 and native.enabled():
+        out = native.dense(x.reshape(x.shape[0], 1, -1), kernel)
+    else:
+        out = jnp.dot(x.reshape(x.shape[0], -1), kernel)
+    return out.reshape(x.shape[0], *out_hw, w.shape[3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _unrolled_kernel(w, taps: tuple[tuple[int, ...], ...]):
+    """The (Q·I, P·O) matrix whose (q, p) block is the tap ``taps[q][p]`` of HWIO ``w``; its
+    gradient sums each tap's blocks."""
+    by_tap = w.reshape(-1, *w.shape[2:])
+    blocks = jnp.stack([jnp.stack([by_tap[t] for t in row], axis=1) for row in taps])
+    return blocks.reshape(len(taps) * w.shape[2], -1)
+
+
+def _unrolled_kernel_fwd(w, taps):
+    return _unrolled_kernel(w, taps), w.shape
+
+
+def _unrolled_kernel_bwd(taps, shape, g):
+    blocks = g.reshape(len(taps), shape[2], len(taps[0]), shape[3])
+    zeros = jnp.zeros(shape[2:], g.dtype)
+    per_tap = [sum((blocks[q, :, p] for q, row in enumerate(taps) for p, t in enumerate(row)
+                    if t == tap), zeros) for tap in range(shape[0] * shape[1])]
+    return (jnp.stack(per_tap).reshape(shape),)
+
+
+_unrolled_kernel.defvjp(_unrolled_kernel_fwd, _unrolled_kernel_bwd)
 
 
 def pointwise_dense(x, w):

@@ -115,6 +115,35 @@ def kernels(request):
         yield request.param
 
 
+UNROLLED = [  # (input size, window, stride, padding): every output sees every input
+    ((1, 1), 3, 1, ((1, 1), (1, 1))), ((2, 2), 3, 1, ((1, 1), (1, 1))),
+    ((2, 2), 3, 2, ((1, 1), (1, 1))), ((1, 2), 3, 1, ((1, 1), (1, 1))),
+    ((5, 5), 5, 1, ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("size,window,stride,padding", UNROLLED)
+def test_convolutions_over_maps_no_larger_than_the_window_are_one_product(
+        size, window, stride, padding, kernels):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, *size, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((window, window, 6, 5)), jnp.float32)
+    strides = (stride, stride)
+    assert dispatch.conv_kernel(x, w, strides, padding, dimension_numbers=NHWC) == "unrolled"
+    conv = lambda op: lambda x, w: op(x, w, strides, padding, dimension_numbers=NHWC)
+    assert_same_values_and_gradients(conv(dispatch.conv_general_dilated),
+                                     conv(lax.conv_general_dilated), x, w, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,window,stride,padding", [
+    ((4, 4), 3, 1, ((1, 1), (1, 1))),   # a corner output misses the far corner
+    ((2, 2), 1, 2, ((0, 0), (0, 0))),   # a strided 1×1 skips inputs
+    ((224, 224), 3, 1, ((1, 1), (1, 1)))])  # decided without a (H·W)² table
+def test_convolutions_with_unjoined_positions_are_not_unrolled(size, window, stride, padding):
+    x, w = jnp.zeros((2, *size, 4)), jnp.zeros((window, window, 4, 4))
+    assert dispatch.conv_kernel(x, w, (stride, stride), padding,
+                                dimension_numbers=NHWC) != "unrolled"
+
+
 @pytest.mark.parametrize("lhs_shape,rhs_shape,contract", [
     ((4, 9, 6), (6, 5), ((2,), (0,))),              # Dense on tokens
     ((4, 9, 6), (6, 3, 2), ((2,), (0,))),           # query/key/value projections to heads

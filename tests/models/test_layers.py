@@ -82,3 +82,14 @@ def test_max_pool_same_is_tensorflows():
     x = random(2, 7, 8, 3)
     np.testing.assert_array_equal(layers.max_pool(x, 3, 2, padding="same"),
                                   nn.max_pool(x, (3, 3), (2, 2), padding="SAME"))
+
+
+@pytest.mark.parametrize("shape,window", [((2, 28, 28, 6), 2), ((2, 9, 12, 3), 3)])
+def test_avg_pool_over_tiles_is_flaxs_with_its_gradient(shape, window):
+    x = random(*shape)
+    pool = lambda pool: lambda x: pool(x) ** 2  # a gradient that varies over each window
+    ours = pool(lambda x: layers.avg_pool(x, window, window))
+    theirs = pool(lambda x: nn.avg_pool(x, (window, window), (window, window)))
+    np.testing.assert_allclose(ours(x), theirs(x), atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: ours(x).sum())(x),
+                               jax.grad(lambda x: theirs(x).sum())(x), atol=1e-6)

@@ -120,3 +120,10 @@ def test_dropout_and_auxiliary_heads_train_on_the_mesh(make_config, tmp_path, mo
     differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                result["state"].params, plain["state"].params)
     assert max(jax.tree.leaves(differences)) > 1e-4
+
+
+def test_first_argmax_is_jnp_argmax_ties_included():
+    logits = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+    logits[:8] = 0.0  # a zero-initialised head: every class ties
+    logits[8:16, 3] = logits[8:16, 7] = 9.0
+    np.testing.assert_array_equal(train.first_argmax(logits), np.argmax(logits, -1))

@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from models.cpu import process
+from scripts import bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +48,7 @@ def test_benchmark_runs_in_quick_mode(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--models", "resnet18,resnt50"], "--models: unknown model 'resnt50'. Did you mean resnet50"),
-    (["--models", "lenet5"], "no PyTorch peer for lenet5"),
+    (["--models", "alexnet"], "no PyTorch peer for alexnet"),
     (["--freeze_model", "none"], "--freeze_model '' leaves the freeze sweep out"),
     (["--rounds", "0"], "give at least 1"),
 ])
@@ -55,6 +57,18 @@ def test_benchmark_rejects_bad_arguments_before_measuring(tmp_path, args, messag
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and message in done.stderr
     assert not (tmp_path / "bench.json").exists()  # nothing ran, nothing half-written
+
+
+@pytest.mark.parametrize("model", bench.SMALL_MODELS)
+def test_the_small_models_peers_have_our_parameters(model):
+    torch = pytest.importorskip("torch", reason="the benchmark's peers are PyTorch's")
+    pytest.importorskip("torchvision", reason="the peers are built from torchvision's blocks")
+    import models
+    ours = models.init_variables(models.create(model, num_classes=1000, in_chans=3),
+                                 jax.random.key(0), 32)["params"]
+    peer = bench.torch_model(model)
+    assert sum(p.numel() for p in peer.parameters()) == sum(v.size for v in jax.tree.leaves(ours))
+    assert peer(torch.zeros(2, 3, 32, 32)).shape == (2, 1000)
 
 
 FAILING_AFTER_THE_MATMUL = """
