@@ -8,9 +8,9 @@
 
 Every measurement runs in its own subprocess, so that its peak memory (max RSS) and thread
 settings are its own, and the measurements run one at a time. Where two sides are compared
-(PyTorch, ours) their processes take turns, a few steps each after one untimed step, until
-each has its steps, so that the machine's drift over minutes moves both sides alike instead of
-the ratio. They set up in that order, ours last (the first of two identical processes set up
+(PyTorch, ours) their processes take turns, a few steps each after a quarter second of untimed
+ones, until each has its steps, so that the machine's drift over minutes moves both sides alike
+instead of the ratio. They set up in that order, ours last (the first of two identical processes set up
 measures a little faster). The benchmark opts in to the process settings for both sides alike
 (``models.cpu.process.restart_tuned``: glibc's huge pages and the buffer cache); PyTorch
 without them runs after each pair, alone, since a process without them slows its neighbours.
@@ -22,6 +22,7 @@ Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -51,24 +52,34 @@ def peak_mb() -> float:
 
 
 TURN_STEPS = "TRANSFERLAB_BENCH_TURN_STEPS"  # set by ``measure_interleaved`` for its processes
+TURN_WARMUP_S = 0.25  # untimed calls at the start of each turn, at least one
 
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
     """Seconds per call of ``fn`` (which blocks until its result is ready): the median call,
     which a neighbour's burst on a shared machine moves less than the mean. Under
-    ``measure_interleaved`` the calls run in turns of TURN_STEPS, each after one untimed call."""
+    ``measure_interleaved`` the calls run in turns of TURN_STEPS, each after untimed calls for
+    TURN_WARMUP_S (a step of a few milliseconds would otherwise time threads waking up)."""
     turn = int(os.environ.get(TURN_STEPS, "0"))
     seconds = []
     while len(seconds) < steps:
         if turn:
             wait_for_turn()
-        for _ in range(1 if turn and seconds else warmup):
-            fn()
+        warm_up(fn, 1 if seconds else warmup, TURN_WARMUP_S if turn else 0.0)
         for _ in range(min(turn or steps, steps - len(seconds))):
             start = time.perf_counter()
             fn()
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
+
+
+def warm_up(fn, calls: int, seconds: float) -> None:
+    """``calls`` untimed calls of ``fn``, and more until ``seconds`` have passed."""
+    start = time.perf_counter()
+    for done in itertools.count():
+        if done >= calls and time.perf_counter() - start >= seconds:
+            return
+        fn()
 
 
 def wait_for_turn() -> None:
@@ -472,7 +483,7 @@ def markdown(records: list[dict], env: dict, args) -> str:
              f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps"
              + (f" in each of {args.rounds} rounds of fresh processes (img/s the rounds' "
                 "medians, ratio the median of their ratios)" if args.rounds > 1 else "") + ", "
-             "the compared sides taking turns (2 steps each, after an untimed one; PyTorch set up "
+             "the compared sides taking turns (2 steps each, after 0.25 s of untimed ones; PyTorch set up "
              "first; each freeze depth with full fine-tuning, its `speedup` against that "
              "`full_img_s`); "
              f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}`"
