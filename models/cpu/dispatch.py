@@ -43,9 +43,9 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     kernel unrolled into a (H·W·I, H'·W'·O) matrix of at most ``UNROLLED_MAX_ENTRIES``.
     Other NHWC undilated ones of one batch group and float32, with the native library enabled:
     "sgemm" (1×1, stride 1, unpadded, ungrouped, at least 128 channels in and out, where
-    ``native.uses_mkl``); "winograd" (this project's: 3×3, stride 1, ungrouped, pads of at most
-    2, where oneDNN has no Winograd kernels); "onednn_winograd" (the other 3×3 stride-1
-    ungrouped ones); else "onednn". Both Winograd forms become "onednn" where
+    ``native.uses_mkl``); "winograd" (this project's: 3×3, stride 1, ungrouped, where
+    ``_winograd_pays``, pads of at most 2, where oneDNN has no Winograd kernels);
+    "onednn_winograd" (the other such 3×3 ones); else "onednn". Both Winograd forms become "onednn" where
     ``TRANSFERLAB_WINOGRAD=0``. Other NHWC undilated ones: "depthwise_taps", "pointwise"
     (ungrouped 1×1, unpadded) or "strided" (ungrouped). Everything else: "xla"."""
     if not _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -61,7 +61,8 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                 and min(rhs.shape[2:]) >= 128 and native.uses_mkl()):
             return "sgemm"
         if not (window == (3, 3) and strides == (1, 1) and groups == 1
-                and switches.on("TRANSFERLAB_WINOGRAD")):
+                and switches.on("TRANSFERLAB_WINOGRAD")
+                and _winograd_pays(min(rhs.shape[2:]), min(lhs.shape[1:3]))):
             return "onednn"
         own = winograd.takes(pads) and not native.onednn_has_winograd()
         return "winograd" if own else "onednn_winograd"
@@ -72,6 +73,14 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     if groups == 1 and strides != (1, 1):
         return "strided"
     return "xla"
+
+
+def _winograd_pays(channels: int, side: int) -> bool:
+    """Whether Winograd's 3×3 kernels beat direct ones for a convolution with ``channels`` in
+    or out (the fewer) on maps of ``side`` (the shorter): 64 channels, or 32 on maps of 28 and
+    more. Below, its transforms and oneDNN's reorders to its blocked layout cost more than the
+    multiplies it saves."""
+    return channels >= 64 or (channels >= 32 and side >= 28)
 
 
 def _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, batch_group_count,

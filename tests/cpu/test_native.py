@@ -106,9 +106,9 @@ def test_grouped_conv_and_its_gradients_equal_xlas(size, kernel, channels, group
 @needs_native
 def test_3x3_stride_1_convolutions_run_winograd_with_xlas_values_and_gradients(winograd):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((4, 14, 14, 32)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 32, 48)) / np.sqrt(9 * 32), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((4, 14, 14, 48)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((4, 14, 14, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 64, 80)) / np.sqrt(9 * 64), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((4, 14, 14, 80)), jnp.float32)
 
     def values_and_gradients(op):
         y, pullback = jax.vjp(conv_of(op, (1, 1), "SAME"), x, w)
@@ -126,12 +126,12 @@ def test_3x3_stride_1_convolutions_run_winograd_with_xlas_values_and_gradients(w
 
 @needs_native
 def test_winograd_is_asked_for_3x3_stride_1_only_and_can_be_turned_off(winograd, monkeypatch):
-    x = jnp.ones((2, 8, 8, 16))
+    x = jnp.ones((2, 8, 8, 64))
 
     def asked(kernel, stride):  # of oneDNN, or of this project's kernels where oneDNN has none
         text = compiled_text(
             lambda x, w: conv_of(dispatch.conv_general_dilated, (stride, stride), "SAME")(x, w),
-            x, jnp.ones((kernel, kernel, 16, 16)))
+            x, jnp.ones((kernel, kernel, 64, 64)))
         return "winograd = 1" in text or "winograd_input" in text
     assert asked(3, 1) and not asked(3, 2) and not asked(1, 1) and not asked(5, 1)
     monkeypatch.setenv("TRANSFERLAB_WINOGRAD", "0")

@@ -86,17 +86,20 @@ def fake_cpu(monkeypatch, flags: str):
 def test_runs_where_onednn_has_no_winograd_kernels(monkeypatch):
     monkeypatch.setattr(native, "enabled", lambda: True)  # the choice, library or not
 
-    def kernel(shape=(3, 3, 16, 16), strides=(1, 1), pads=((1, 1), (1, 1)), groups=1):
-        x = jnp.zeros((2, 8, 8, shape[2] * groups))
+    def kernel(shape=(3, 3, 64, 64), strides=(1, 1), pads=((1, 1), (1, 1)), groups=1, side=8):
+        x = jnp.zeros((2, side, side, shape[2] * groups))
         return dispatch.conv_kernel(x, jnp.zeros(shape), strides, pads, dimension_numbers=NHWC,
                                     feature_group_count=groups)
     fake_cpu(monkeypatch, "fpu sse2 avx avx2 fma")
-    assert kernel() == "winograd"
-    assert kernel(strides=(2, 2)) == kernel(shape=(5, 5, 16, 16)) == "onednn"
-    assert kernel(shape=(3, 3, 4, 16), groups=4) == "onednn"
+    assert kernel() == kernel(shape=(3, 3, 32, 48), side=28) == "winograd"
+    assert kernel(strides=(2, 2)) == kernel(shape=(5, 5, 64, 64)) == "onednn"
+    assert kernel(shape=(3, 3, 16, 64), groups=4) == "onednn"
+    # too few channels for the transforms to pay: 16 anywhere, 32 on maps under 28
+    assert kernel(shape=(3, 3, 16, 64), side=32) == kernel(shape=(3, 3, 32, 32)) == "onednn"
     assert kernel(pads=((3, 1), (1, 1))) == "onednn_winograd"  # oneDNN's, direct without them
     fake_cpu(monkeypatch, "avx2 avx512f avx512dq avx512bw avx512vl")
     assert kernel() == "onednn_winograd"
+    assert kernel(shape=(3, 3, 16, 16), side=32) == "onednn"
     fake_cpu(monkeypatch, "avx2")
     monkeypatch.setenv("TRANSFERLAB_WINOGRAD", "0")
     assert kernel() == "onednn"
@@ -106,7 +109,7 @@ def test_runs_where_onednn_has_no_winograd_kernels(monkeypatch):
 @pytest.mark.usefixtures("winograd")
 def test_3x3_stride_1_convolutions_take_it_on_cpus_without_avx512(monkeypatch):
     fake_cpu(monkeypatch, "avx2")
-    x, w = random_conv((2, 8, 8, 16), 16)
+    x, w = random_conv((2, 8, 8, 64), 64)
     conv = conv_of(dispatch.conv_general_dilated, (1, 1), "SAME")
     assert TRANSFORMS[0] in compiled_text(conv, x, w)
     fake_cpu(monkeypatch, "avx2 avx512f avx512dq avx512bw avx512vl")
