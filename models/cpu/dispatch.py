@@ -45,8 +45,8 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     "sgemm" (1×1, stride 1, unpadded, ungrouped, at least 128 channels in and out, where
     ``native.uses_mkl``); "winograd" (this project's: 3×3, stride 1, ungrouped, where
     ``_winograd_pays``, pads of at most 2, where oneDNN has no Winograd kernels);
-    "onednn_winograd" (the other such 3×3 ones); else "onednn". Both Winograd forms become "onednn" where
-    ``TRANSFERLAB_WINOGRAD=0``. Other NHWC undilated ones: "depthwise_taps", "pointwise"
+    "onednn_winograd" (the other such 3×3 ones); else "onednn". Both Winograd forms become
+    "onednn" where ``TRANSFERLAB_WINOGRAD=0``. Other NHWC undilated ones: "depthwise_taps", "pointwise"
     (ungrouped 1×1, unpadded) or "strided" (ungrouped). Everything else: "xla"."""
     if not _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                        batch_group_count, preferred_element_type):
@@ -263,11 +263,9 @@ def _taps_per_axis(in_hw, window, strides, pads: Pads) -> list[np.ndarray]:
     return per_axis
 
 
-def _unrolled_taps(in_hw, window, strides, pads: Pads) -> np.ndarray:
-    """(H·W, H'·W') tap indices (row-major in the window) joining each input position to each
-    output position, where every pair is joined."""
-    rows, cols = _taps_per_axis(in_hw, window, strides, pads)
-    taps = rows[:, None, :, None] * window[1] + cols[None, :, None, :]
+def _joined_taps(rows: np.ndarray, cols: np.ndarray, window_width: int) -> np.ndarray:
+    """(H·W, H'·W') tap indices (row-major in the window) from ``_taps_per_axis``'s two."""
+    taps = rows[:, None, :, None] * window_width + cols[None, :, None, :]
     return taps.reshape(rows.shape[0] * cols.shape[0], rows.shape[1] * cols.shape[1])
 
 
@@ -282,18 +280,17 @@ def unrolled_conv(x, w, strides, pads: Pads):
     every input position, as one matrix product of each image's (H·W·I) values with the kernel
     unrolled into a (H·W·I, H'·W'·O) matrix (``native.dense`` for float32 where enabled, else
     ``jnp.dot``)."""
-    taps = _unrolled_taps(x.shape[1:3], w.shape[:2], strides, pads)
+    rows, cols = _taps_per_axis(x.shape[1:3], w.shape[:2], strides, pads)
+    taps = _joined_taps(rows, cols, w.shape[1])
     if np.array_equal(taps, np.arange(taps.size)[:, None]):  # one output, each tap in order
         kernel = w.reshape(-1, w.shape[3])
     else:
         kernel = _unrolled_kernel(w, tuple(map(tuple, taps.tolist())))
-    out_hw = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in
-              zip(x.shape[1:3], w.shape[:2], strides, pads)]
     if x.dtype == w.dtype == jnp.float32 and native.enabled():
         out = native.dense(x.reshape(x.shape[0], 1, -1), kernel)
     else:
         out = jnp.dot(x.reshape(x.shape[0], -1), kernel)
-    return out.reshape(x.shape[0], *out_hw, w.shape[3])
+    return out.reshape(x.shape[0], rows.shape[1], cols.shape[1], w.shape[3])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
