@@ -19,9 +19,25 @@ class, 0 for all, by default 10, 50 and all), comparing:
 The plot, accuracy_vs_n_train.png, draws test accuracy against training examples, a line per
 regime. The paper (ImageNet networks, 12 datasets) found fine-tuning best, logistic regression
 close behind on datasets near ImageNet and far behind on others, and training from scratch
-catching up with fine-tuning only on the largest training sets. Measured here: only
-``reduced=True`` (a test that the protocol runs end to end); the full protocol's figures belong
-here and in README.md once it has run.
+catching up with fine-tuning only on the largest training sets.
+
+Measured here (2026-12-07, ``python -m scripts.ablate --config configs/kornblith.py``, 3 seeds,
+27 runs and the logistic regression's L2 choice, on 2 CPU cores of an AMD EPYC Zen 5 in 3 min
+41 s): the pretrained network reached 0.898 on Fashion-MNIST's test set; test accuracy on
+digits (360 images), mean ± std over seeds:
+
+    examples per class   10 (100 in all)  50 (500)         all (1437)
+    logistic             0.7296 ± 0.0064  0.7916 ± 0.0247  0.8324 ± 0.0042
+    finetune             0.9185 ± 0.0209  0.9787 ± 0.0070  0.9898 ± 0.0070
+    scratch              0.9231 ± 0.0116  0.9787 ± 0.0016  0.9861 ± 0.0048
+
+Logistic regression on the frozen features stayed 16–19 points behind fine-tuning at every
+size, the paper's finding for datasets far from the pretraining one (clothing photographs to
+handwritten digits). Training from scratch matched fine-tuning at every size, within a
+standard deviation, where the paper found it behind on small training sets: 8×8 digits
+upsampled to 28×28 are easy enough for this network to learn from 10 examples a class. The L2
+strengths chosen on the held-out fifth: 0.01 at 10 and 50 per class, 0 on all. ``reduced=True``
+is the suite's test that the protocol runs end to end.
 """
 
 import ml_collections
