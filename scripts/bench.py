@@ -10,11 +10,11 @@ Every measurement runs in its own subprocess, so that its peak memory (max RSS) 
 settings are its own, and the measurements run one at a time. Where two sides are compared
 (PyTorch, ours) their processes take turns, a few steps each after a quarter second of untimed
 ones, until each has its steps, so that the machine's drift over minutes moves both sides alike
-instead of the ratio. They set up in that order, ours last (the first of two identical processes set up
-measures a little faster). The benchmark opts in to the process settings for both sides alike
-(``models.cpu.process.restart_tuned``: glibc's huge pages and the buffer cache); PyTorch
-without them runs after each pair, alone, since a process without them slows its neighbours.
-The freeze sweep likewise runs each depth (and its cached prefix) in turns with full
+instead of the ratio. They set up in that order, ours last (the first of two identical
+processes set up measures a little faster). The benchmark opts in to the process settings for
+both sides alike (``models.cpu.process.restart_tuned``: glibc's huge pages and the buffer
+cache); PyTorch without them runs after each pair, alone, since a process without them slows
+its neighbours. The freeze sweep likewise runs each depth (and its cached prefix) in turns with full
 fine-tuning, set up first, and divides by that full step for its ``speedup``.
 Writes ``bench.json`` (one record per measurement: ``model``, ``what``, ``ours``, ``peer``,
 ``ratio``, …) and ``bench.md``.
@@ -257,6 +257,9 @@ def torch_lenet5():
                          nn.Flatten(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 1000))
 
 
+OWN_PEERS = {"torch_resnet_small": torch_resnet_small, "torch_lenet5": torch_lenet5}
+
+
 def torch_model(model: str):
     import torch
     torch.set_num_threads(TORCH_THREADS)
@@ -265,7 +268,7 @@ def torch_model(model: str):
         import timm
         net = timm.create_model(name, pretrained=False)
     elif library == "here":
-        net = globals()[name]()
+        net = OWN_PEERS[name]()
     else:
         import torchvision
         net = getattr(torchvision.models, name)(weights=None)
@@ -483,9 +486,9 @@ def markdown(records: list[dict], env: dict, args) -> str:
              f"channels_last); batch {args.batch}, {args.size}², fp32, {args.steps} timed steps"
              + (f" in each of {args.rounds} rounds of fresh processes (img/s the rounds' "
                 "medians, ratio the median of their ratios)" if args.rounds > 1 else "") + ", "
-             "the compared sides taking turns (2 steps each, after 0.25 s of untimed ones; PyTorch set up "
-             "first; each freeze depth with full fine-tuning, its `speedup` against that "
-             "`full_img_s`); "
+             "the compared sides taking turns (2 steps each, after 0.25 s of untimed ones; "
+             "PyTorch set up first; each freeze depth with full fine-tuning, its `speedup` "
+             "against that `full_img_s`); "
              f"XLA_FLAGS `{env['xla_flags']}`; GLIBC_TUNABLES `{env['glibc_tunables']}`"
              + (" and the buffer cache" if env["buffer_cache"] else "") + " for both "
              "(`peer_glibc_defaults`: PyTorch without them, run alone after each pair).", "",

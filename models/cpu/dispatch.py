@@ -46,8 +46,8 @@ def conv_kernel(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     ``native.uses_mkl``); "winograd" (this project's: 3×3, stride 1, ungrouped, where
     ``_winograd_pays``, pads of at most 2, where oneDNN has no Winograd kernels);
     "onednn_winograd" (the other such 3×3 ones); else "onednn". Both Winograd forms become
-    "onednn" where ``TRANSFERLAB_WINOGRAD=0``. Other NHWC undilated ones: "depthwise_taps", "pointwise"
-    (ungrouped 1×1, unpadded) or "strided" (ungrouped). Everything else: "xla"."""
+    "onednn" where ``TRANSFERLAB_WINOGRAD=0``. Other NHWC undilated ones: "depthwise_taps",
+    "pointwise" (ungrouped 1×1, unpadded) or "strided" (ungrouped). Everything else: "xla"."""
     if not _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                        batch_group_count, preferred_element_type):
         return "xla"
