@@ -277,19 +277,15 @@ def _unrolls(lhs_shape, rhs_shape, strides, pads: Pads) -> bool:
 
 def unrolled_conv(x, w, strides, pads: Pads):
     """Convolution of NHWC ``x`` with an HWIO kernel ``w``, where every output position sees
-    every input position, as one matrix product of each image's (H·W·I) values with the kernel
-    unrolled into a (H·W·I, H'·W'·O) matrix (``native.dense`` for float32 where enabled, else
-    ``jnp.dot``)."""
+    every input position, as one matrix product (``dot_general``) of each image's (H·W·I)
+    values with the kernel unrolled into a (H·W·I, H'·W'·O) matrix."""
     rows, cols = _taps_per_axis(x.shape[1:3], w.shape[:2], strides, pads)
     taps = _joined_taps(rows, cols, w.shape[1])
     if np.array_equal(taps, np.arange(taps.size)[:, None]):  # one output, each tap in order
         kernel = w.reshape(-1, w.shape[3])
     else:
         kernel = _unrolled_kernel(w, tuple(map(tuple, taps.tolist())))
-    if x.dtype == w.dtype == jnp.float32 and native.enabled():
-        out = native.dense(x.reshape(x.shape[0], 1, -1), kernel)
-    else:
-        out = jnp.dot(x.reshape(x.shape[0], -1), kernel)
+    out = dot_general(x.reshape(x.shape[0], 1, -1), kernel, (((2,), (0,)), ((), ())))
     return out.reshape(x.shape[0], rows.shape[1], cols.shape[1], w.shape[3])
 
 
